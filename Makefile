@@ -1,0 +1,44 @@
+# ntkexp — the two set-up commands are `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/jacot_fig1.yaml
+PRESET ?= cpu
+PYTEST_FLAGS ?=
+
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test test-slow test-all bench lint gpu-check clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## Main job: the default config on CPU; prints where its output is.
+run: setup
+	JAX_PLATFORMS=cpu $(VENV)/bin/ntkexp run $(CONFIG) --preset $(PRESET)
+
+## The whole fast suite (float32 and float64); slow checks are marked and excluded.
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+## Slow checks: convergence rates over widths, larger presets.
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
+
+test-all: setup
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+## Benchmarks in matmul units; JSON to benchmarks/results/.
+bench: setup
+	$(PY) -m benchmarks.run --out benchmarks/results
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

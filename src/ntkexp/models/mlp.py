@@ -1,0 +1,246 @@
+"""Fully connected networks in NTK and standard parameterization (Flax NNX).
+
+Architecture (``MLPSpec``): ``depth`` hidden layers, each Dense(width) followed by
+the activation, then Dense(out_dim). Jacot et al. (2018) count layers including
+the output, so their "L = 4" is ``depth=3``.
+
+Parameterizations (Jacot et al. 2018, eq. 1; Lee et al. 2020, section 2), with
+``a`` the layer input of width ``n_in``:
+
+* ``"ntk"``:      ``z = W_std / sqrt(n_in) * a @ W + b_std * b``,  ``W, b ~ N(0, 1)``
+* ``"standard"``: ``z = a @ W + b``,  ``W ~ N(0, W_std^2 / n_in)``, ``b ~ N(0, b_std^2)``
+
+Both give the same function distribution at initialisation (same NNGP); they
+differ in the scale of the gradients, hence in the NTK and in how learning rates
+must scale with width. ``b_std = 0`` means the layers have no bias.
+
+Parameters as a pytree (``functional``): ``{"layers": {i: {"W": (n_in, n_out),
+"b": (n_out,)}}}`` for ``i = 0 .. depth`` (``"b"`` absent when ``b_std == 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ntkexp.activations import Activation, get_activation
+
+Array = jax.Array
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec:
+    """A fully connected network, as the analytic and the finite side both see it.
+
+    Attributes:
+      depth: number of hidden layers (>= 0). ``depth=0`` is a linear model.
+      width: hidden width (> 0).
+      activation: registered activation name (``ntkexp.activations.ACTIVATIONS``).
+      W_std: weight standard deviation multiplier sigma_w (>= 0).
+      b_std: bias standard deviation sigma_b (>= 0; 0 means no bias).
+      parameterization: ``"ntk"`` or ``"standard"``.
+      out_dim: output dimension (>= 1).
+      activation_params: keyword parameters of the activation factory, e.g.
+        ``{"slope": 0.1}`` for ``leaky_relu``; stored as a sorted tuple of pairs
+        so that the spec stays hashable (usable as a static jit argument).
+    """
+
+    depth: int
+    width: int
+    activation: str = "relu"
+    W_std: float = 1.0
+    b_std: float = 0.0
+    parameterization: str = "ntk"
+    out_dim: int = 1
+    activation_params: Any = ()
+
+    def __post_init__(self):
+        params = self.activation_params
+        if isinstance(params, Mapping):
+            params = tuple(sorted(params.items()))
+        object.__setattr__(self, "activation_params", tuple(tuple(p) for p in params))
+        _check_int("depth", self.depth, minimum=0)
+        _check_int("width", self.width, minimum=1)
+        _check_int("out_dim", self.out_dim, minimum=1)
+        for name in ("W_std", "b_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"MLPSpec.{name} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"unknown parameterization {self.parameterization!r}; "
+                f"known: {', '.join(PARAMETERIZATIONS)}"
+            )
+        self.act  # validates the activation name and its parameters
+
+    @property
+    def act(self) -> Activation:
+        """The :class:`Activation` object for this spec."""
+        return get_activation(self.activation, dict(self.activation_params))
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_std > 0
+
+    def layer_dims(self, in_dim: int) -> list[tuple[int, int]]:
+        """``[(n_in, n_out)]`` for the ``depth + 1`` dense layers."""
+        dims = [in_dim] + [self.width] * self.depth + [self.out_dim]
+        return list(zip(dims[:-1], dims[1:], strict=True))
+
+    def replace(self, **changes) -> MLPSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, v, *, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"MLPSpec.{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def layer_scales(spec: MLPSpec, fan_in: int) -> tuple[float, float]:
+    """Multipliers ``(w_mult, b_mult)`` applied in the forward pass of one layer."""
+    if spec.parameterization == "ntk":
+        return spec.W_std / math.sqrt(fan_in), spec.b_std
+    return 1.0, 1.0
+
+
+def init_scales(spec: MLPSpec, fan_in: int) -> tuple[float, float]:
+    """Standard deviations ``(w_init, b_init)`` of the stored parameters."""
+    if spec.parameterization == "ntk":
+        return 1.0, 1.0
+    return spec.W_std / math.sqrt(fan_in), spec.b_std
+
+
+class Dense(nnx.Module):
+    """One dense layer of an :class:`MLP` (parameterization from the spec)."""
+
+    def __init__(self, fan_in: int, fan_out: int, spec: MLPSpec, *, rngs: nnx.Rngs, dtype=None):
+        dtype = dtype or jnp.float32
+        w_init, b_init = init_scales(spec, fan_in)
+        self.W = nnx.Param(w_init * jax.random.normal(rngs.params(), (fan_in, fan_out), dtype))
+        if spec.has_bias:
+            self.b = nnx.Param(b_init * jax.random.normal(rngs.params(), (fan_out,), dtype))
+        self.w_mult, self.b_mult = layer_scales(spec, fan_in)
+
+    def __call__(self, a: Array) -> Array:
+        z = self.w_mult * (a @ self.W[...])
+        if hasattr(self, "b"):
+            z = z + self.b_mult * self.b[...]
+        return z
+
+
+class MLP(nnx.Module):
+    """Flax NNX multilayer perceptron described by an :class:`MLPSpec`.
+
+    Args:
+      spec: the architecture.
+      in_dim: input dimension d.
+      rngs: ``nnx.Rngs``; parameters are drawn from ``rngs.params()``.
+      dtype: parameter dtype (default float32; float64 needs ``jax_enable_x64``).
+
+    Calling the module maps ``x: (n, in_dim)`` to ``(n, out_dim)``.
+    """
+
+    def __init__(self, spec: MLPSpec, in_dim: int, *, rngs: nnx.Rngs, dtype=None):
+        _check_int("in_dim", in_dim, minimum=1)
+        self.spec = spec
+        self.in_dim = in_dim
+        self.layers = nnx.List(
+            [Dense(i, o, spec, rngs=rngs, dtype=dtype) for i, o in spec.layer_dims(in_dim)]
+        )
+
+    def __call__(self, x: Array) -> Array:
+        return MLPApply(self.spec)(nnx.to_pure_dict(nnx.state(self, nnx.Param)), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPApply:
+    """Pure ``apply_fn(params, x) -> (n, out_dim)`` for an :class:`MLPSpec`.
+
+    Hashable (safe as a static jit argument). Exposes the dense-layer structure
+    (``spec``) so the structured empirical NTK can use it.
+    """
+
+    spec: MLPSpec
+
+    def __call__(self, params, x: Array) -> Array:
+        out, _ = self.forward(params, x)
+        return out
+
+    def forward(self, params, x: Array, taps=None):
+        """Forward pass returning ``(output, layer_inputs)``.
+
+        Args:
+          params: MLP parameter pytree.
+          x: inputs ``(n, in_dim)``.
+          taps: optional list of ``depth + 1`` arrays added to each layer's
+            pre-activation ``z^(h)`` (zeros give the plain forward pass); the
+            vjp with respect to them is the backward vector ``b^(h) = df/dz^(h)``.
+
+        Returns:
+          ``(out (n, out_dim), [a^(0) = x, a^(1), ..., a^(depth)])`` where
+          ``a^(h)`` is the input of dense layer ``h``.
+        """
+        layers = params["layers"]
+        n_layers = self.spec.depth + 1
+        if len(layers) != n_layers:
+            raise ValueError(
+                f"params have {len(layers)} dense layers but the spec needs {n_layers}"
+            )
+        x = jnp.asarray(x)
+        if x.ndim != 2 or x.shape[1] != layers[0]["W"].shape[0]:
+            raise ValueError(
+                f"inputs must have shape (n, {layers[0]['W'].shape[0]}), got {tuple(x.shape)}"
+            )
+        act = self.spec.act
+        a = x.astype(layers[0]["W"].dtype)
+        inputs = []
+        for h in range(n_layers):
+            p = layers[h]
+            inputs.append(a)
+            w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
+            z = w_mult * (a @ p["W"])
+            if "b" in p:
+                z = z + b_mult * p["b"]
+            if taps is not None:
+                z = z + taps[h]
+            a = act.fn(z) if h < n_layers - 1 else z
+        return a, inputs
+
+
+def init_params(spec: MLPSpec, in_dim: int, key: Array, dtype=None):
+    """Draw MLP parameters as a pure pytree (same draw as ``MLP(spec, in_dim, rngs)``)."""
+    model = MLP(spec, in_dim, rngs=nnx.Rngs(params=key), dtype=dtype)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def functional(module: nnx.Module):
+    """Split a Flax NNX module into ``(apply_fn, params)``.
+
+    ``apply_fn(params, x)`` is a pure function over the parameter pytree
+    ``params`` (a nested dict of arrays). For :class:`MLP` it is an
+    :class:`MLPApply` (structured NTK available); for any other NNX module
+    non-parameter state (batch statistics, RNG counters) is frozen at its
+    current value.
+    """
+    if isinstance(module, MLP):
+        return MLPApply(module.spec), nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"functional() takes a flax.nnx.Module, got {type(module).__name__}")
+    graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)
+    template = param_state
+
+    def apply_fn(params, x):
+        state = nnx.State(jax.tree_util.tree_map(lambda v: v, template))
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state, rest)
+        return model(x)
+
+    return apply_fn, nnx.to_pure_dict(param_state)

@@ -1,0 +1,42 @@
+"""Strict test set-up (equinox style) and the one dtype tolerance table.
+
+x64 is enabled for the whole session so that float64 cases can run; library code
+follows the dtype of its inputs, and every numerical test is parametrized over
+``float32`` and ``float64`` through the ``dtype`` fixture.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Relative tolerances, by dtype, for comparisons against an exact truth.
+TOL = {
+    jnp.float32: dict(exact=1e-4, agree=1e-5),
+    jnp.float64: dict(exact=1e-9, agree=1e-10),
+}
+
+
+@pytest.fixture(params=[jnp.float32, jnp.float64], ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def tol(dtype):
+    return TOL[dtype]
+
+
+def rel_err(a, b):
+    """Relative Frobenius error ||a - b|| / ||b||, computed in float64."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
