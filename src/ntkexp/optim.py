@@ -1,0 +1,219 @@
+"""Optimizers as optax gradient transformations: ``gd``, ``sgd`` and ``ngd``.
+
+All three return ``optax.GradientTransformationExtraArgs`` with NamedTuple
+states, so they compose with ``optax.chain`` and accept optax schedules as the
+learning rate. ``gd`` and ``sgd`` are the same update rule,
+``theta <- theta - eta * grad``; mini-batching is done by
+:func:`ntkexp.training.train` through its ``batch_size`` argument.
+
+``ngd`` is natural-gradient descent for the squared loss (Zhang, Martens &
+Grosse 2019, eq. 4), where the Fisher is the Gauss-Newton matrix ``J^T J``:
+
+    theta <- theta - eta * J^T (J J^T + lambda I)^(-1) (u - y),
+
+``J = d u / d theta`` the ``(n * out_dim, P)`` Jacobian of the outputs ``u`` on
+the batch. It is computed in function space: the empirical NTK ``J J^T``
+(``ntkexp.empirical_ntk``), a Cholesky solve, and one vector-Jacobian product
+``J^T alpha``; no ``P x P`` matrix is formed. The update needs the batch, so
+it is called as::
+
+    updates, state = tx.update(grads, state, params, x=x_batch, residual=u - y)
+
+(``grads`` is ignored: the direction depends on the residual only, so it is
+the same for the "mean" and the "sum" loss). ``ntkexp.training.train`` passes
+``x``, ``residual`` and ``apply_fn`` (the model restricted to its trainable
+parameters) to every optimizer as extra arguments; an ``apply_fn`` extra
+argument overrides the one given to :func:`ngd`.
+
+Optimizers are registered in :data:`OPTIMIZERS` under ``"gd"``, ``"sgd"`` and
+``"ngd"``; each entry is a builder taking the config's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ntkexp.registry import Registry
+
+Array = jax.Array
+ScalarOrSchedule = float | Callable[[Array], Array]
+
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformationExtraArgs]] = Registry("optimizer")
+
+
+class ScaleByLearningRateState(NamedTuple):
+    """State of :func:`gd` / :func:`sgd`: the step count (for schedules)."""
+
+    count: Array
+
+
+class NGDState(NamedTuple):
+    """State of :func:`ngd`: the step count (for schedules)."""
+
+    count: Array
+
+
+def _check_learning_rate(learning_rate, who: str) -> None:
+    if callable(learning_rate):
+        return
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
+        try:
+            learning_rate = float(learning_rate)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{who}: learning_rate must be a positive number or an optax schedule, "
+                f"got {type(learning_rate).__name__}"
+            ) from None
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"{who}: learning_rate must be a finite number > 0, got {learning_rate!r}")
+
+
+def _lr_at(learning_rate, count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _scale_by_lr(learning_rate: ScalarOrSchedule, who: str) -> optax.GradientTransformationExtraArgs:
+    _check_learning_rate(learning_rate, who)
+
+    def init(params):
+        del params
+        return ScaleByLearningRateState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, **extra):
+        del params, extra
+        lr = _lr_at(learning_rate, state.count)
+        updates = jax.tree_util.tree_map(lambda g: (-lr * g).astype(g.dtype), updates)
+        return updates, ScaleByLearningRateState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def gd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+    """Full-batch gradient descent ``theta <- theta - eta * grad``.
+
+    Args:
+      learning_rate: ``eta > 0`` or an optax schedule ``count -> eta``.
+
+    Returns:
+      An optax ``GradientTransformationExtraArgs`` (extra arguments ignored).
+    """
+    return _scale_by_lr(learning_rate, "gd")
+
+
+def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+    """Stochastic gradient descent: the :func:`gd` rule on mini-batch gradients.
+
+    Mini-batches are drawn by :func:`ntkexp.training.train` (``batch_size``,
+    ``key``, ``replace``); this transformation only scales the gradient.
+    """
+    return _scale_by_lr(learning_rate, "sgd")
+
+
+def ngd(
+    learning_rate: ScalarOrSchedule,
+    *,
+    damping: float = 0.0,
+    apply_fn: Callable | None = None,
+    ntk_method: str = "auto",
+) -> optax.GradientTransformationExtraArgs:
+    """Natural-gradient descent for the squared loss (Zhang et al. 2019, eq. 4).
+
+    ``delta = -eta * J^T (J J^T + damping * I)^(-1) residual`` with ``J`` the
+    Jacobian of ``apply_fn(params, x)`` on the batch ``x (n, d)`` and
+    ``residual = u - y`` of shape ``(n,)`` or ``(n, out_dim)``. ``J J^T`` is
+    the ``(n * out_dim)^2`` empirical NTK; it is solved by Cholesky and
+    mapped back by one vjp.
+
+    Args:
+      learning_rate: ``eta > 0`` or a schedule. ``eta = 1`` with zero damping
+        interpolates the batch in one step for a linear model.
+      damping: ``lambda >= 0`` added to the diagonal of ``J J^T``.
+      apply_fn: ``apply_fn(params, x) -> (n, out_dim)``. May be omitted if the
+        caller passes it as an extra argument (``train`` does).
+      ntk_method: ``method`` passed to ``ntkexp.empirical_ntk``.
+
+    Returns:
+      An optax ``GradientTransformationExtraArgs``; ``update(grads, state,
+      params, *, x, residual, apply_fn=None)``.
+    """
+    _check_learning_rate(learning_rate, "ngd")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping):
+        raise TypeError(f"ngd: damping must be a finite number >= 0, got {damping!r}")
+    if damping < 0:
+        raise ValueError(f"ngd: damping must be >= 0, got {damping!r}")
+    default_apply = apply_fn
+
+    def init(params):
+        del params
+        return NGDState(count=jnp.zeros([], jnp.int32))
+
+    def update(grads, state, params=None, *, x=None, residual=None, apply_fn=None, **extra):
+        del grads, extra
+        fn = apply_fn if apply_fn is not None else default_apply
+        if fn is None:
+            raise ValueError("ngd needs apply_fn: pass ngd(..., apply_fn=f) or the extra argument")
+        if params is None or x is None or residual is None:
+            raise ValueError("ngd.update needs params and the extra arguments x= and residual=")
+        alpha = ngd_dual_coefficients(fn, params, x, residual, damping=damping, method=ntk_method)
+        _, vjp = jax.vjp(lambda p: fn(p, x), params)
+        (direction,) = vjp(_match(alpha, fn, params, x))
+        lr = _lr_at(learning_rate, state.count)
+        updates = jax.tree_util.tree_map(lambda d, p: (-lr * d).astype(p.dtype), direction, params)
+        return updates, NGDState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _match(alpha, fn, params, x):
+    out = jax.eval_shape(lambda p: fn(p, x), params)
+    return alpha.reshape(out.shape).astype(out.dtype)
+
+
+def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=0.0, method="auto") -> Array:
+    """``(J J^T + damping I)^(-1) residual`` by Cholesky: shape ``(n, out_dim)``.
+
+    ``J J^T`` is the empirical NTK of ``apply_fn`` on ``x`` with output blocks
+    (``trace_outputs=False``), flattened to ``(n * out_dim, n * out_dim)``.
+    """
+    from ntkexp.empirical import empirical_ntk
+
+    out = jax.eval_shape(lambda p: apply_fn(p, x), params)
+    n, k = out.shape[0], (out.shape[1] if len(out.shape) > 1 else 1)
+    r = jnp.asarray(residual).reshape(n, k)
+    if k == 1:
+        G = empirical_ntk(apply_fn, params, x, method=method)
+        G = G.reshape(n, n)
+    else:
+        G4 = empirical_ntk(apply_fn, params, x, method=method, trace_outputs=False)  # (n, n, k, k)
+        G = jnp.transpose(G4, (0, 2, 1, 3)).reshape(n * k, n * k)
+    G = 0.5 * (G + G.T) + damping * jnp.eye(n * k, dtype=G.dtype)
+    L = jnp.linalg.cholesky(G)
+    alpha = jax.scipy.linalg.cho_solve((L, True), r.reshape(n * k).astype(G.dtype))
+    return alpha.reshape(n, k)
+
+
+def _opt_builder(factory):
+    def build(**kwargs: Any):
+        lr = kwargs.pop("learning_rate", kwargs.pop("lr", None))
+        if lr is None:
+            raise ValueError(f"optimizer {factory.__name__!r} needs learning_rate")
+        try:
+            return factory(lr, **kwargs)
+        except TypeError as e:
+            if "unexpected keyword" in str(e):
+                raise ValueError(f"bad options for optimizer {factory.__name__!r}: {e}") from None
+            raise
+
+    build.__doc__ = factory.__doc__
+    return build
+
+
+OPTIMIZERS.register("gd", _opt_builder(gd))
+OPTIMIZERS.register("sgd", _opt_builder(sgd))
+OPTIMIZERS.register("ngd", _opt_builder(ngd))

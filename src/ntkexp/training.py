@@ -1,0 +1,468 @@
+"""Training loop: jit-compiled, ``lax.scan`` over steps, ``vmap`` over initialisations.
+
+:func:`train` minimises the squared loss
+
+    L(theta) = (1 / 2) sum_i ||f(theta, x_i) - y_i||^2          (loss_reduction="sum";
+                                                                  Du et al. 2019, Arora et al. 2019)
+    L(theta) = (1 / 2n) sum_i ||f(theta, x_i) - y_i||^2         (loss_reduction="mean";
+                                                                  Jacot et al. 2018, C = E_pin)
+
+with any optax transformation (``ntkexp.optim.gd``/``sgd``/``ngd``, or an
+``optax.chain``). Steps run inside ``lax.scan`` in chunks; between chunks the
+host checks for divergence, calls the progress callback and, at the requested
+``record_steps``, records probe outputs, the empirical NTK on the probe points,
+the distance from initialisation and, for two-layer nets and MLPs, the
+fraction of flipped activation patterns (Du et al. 2019, Fig. 1b) and
+``max_r ||w_r(t) - w_r(0)||`` (Fig. 1c).
+
+``ensemble=True`` trains K stacked initialisations (every params leaf has a
+leading axis K; build them with :func:`init_ensemble`) in one vmapped program,
+so K initialisations cost about one K-times-larger batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ntkexp.models.two_layer  # noqa: F401  (registers "two_layer_relu")
+from ntkexp.empirical import empirical_ntk
+
+Array = jax.Array
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the step and value."""
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns (a pytree). ``K`` = ensemble size, ``R`` = len(record_steps).
+
+    Attributes:
+      params: final parameters (the full tree, frozen leaves included).
+      losses: ``(steps + 1,)`` or ``(K, steps + 1)``: entry k is the full
+        training loss before update k; the last entry is after the final step.
+      record_steps: the recorded steps, sorted, as a tuple of ints.
+      probe_outputs: ``([K,] R, n_probe, out_dim)`` f(probe_x), or None.
+      probe_ntk: ``([K,] R, n_probe, n_probe)`` empirical NTK on probe_x with
+        respect to the trainable parameters, or None.
+      distance: ``([K,] R)`` ``||theta_t - theta_0||_2`` over all parameters.
+      flip_fraction: ``([K,] R)`` fraction of (training point, hidden unit)
+        pairs whose pre-activation sign differs from initialisation (all hidden
+        layers), or None for models without known pre-activations.
+      max_weight_distance: ``([K,] R)`` ``max_r ||w_r(t) - w_r(0)||`` over the
+        first hidden layer's units, or None.
+      opt_state: final optimizer state.
+    """
+
+    params: Any
+    losses: Array
+    record_steps: tuple
+    probe_outputs: Array | None = None
+    probe_ntk: Array | None = None
+    distance: Array | None = None
+    flip_fraction: Array | None = None
+    max_weight_distance: Array | None = None
+    opt_state: Any = None
+
+
+# --------------------------------------------------------------------------
+# Parameter partition (trainable / frozen)
+# --------------------------------------------------------------------------
+
+
+class _Partition(NamedTuple):
+    """Static description of which leaves are trained (hashable)."""
+
+    treedef: Any
+    mask: tuple | None  # None: every leaf trained; the tree is kept as is
+
+    def split(self, params):
+        if self.mask is None:
+            return params, []
+        leaves = self.treedef.flatten_up_to(params)
+        tr = [p for p, m in zip(leaves, self.mask, strict=True) if m]
+        fr = [p for p, m in zip(leaves, self.mask, strict=True) if not m]
+        return tr, fr
+
+    def combine(self, tr, fr):
+        if self.mask is None:
+            return tr
+        it_tr, it_fr = iter(tr), iter(fr)
+        leaves = [next(it_tr) if m else next(it_fr) for m in self.mask]
+        return self.treedef.unflatten(leaves)
+
+
+def _make_partition(apply_fn, params, trainable) -> _Partition:
+    treedef = jax.tree_util.tree_structure(params)
+    if trainable is None:
+        trainable = getattr(apply_fn, "trainable_mask", None)
+        if trainable is None:
+            return _Partition(treedef, None)
+    if callable(trainable):
+        trainable = trainable(params)
+    try:
+        full = jax.tree_util.tree_map(
+            lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub), trainable, params
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"trainable mask does not match the parameter tree: {e}") from None
+    mask = tuple(bool(m) for m in jax.tree_util.tree_leaves(full))
+    if not any(mask):
+        raise ValueError("trainable mask freezes every parameter; nothing to train")
+    if all(mask):
+        return _Partition(treedef, None)
+    return _Partition(treedef, mask)
+
+
+# --------------------------------------------------------------------------
+# The scanned training chunk
+# --------------------------------------------------------------------------
+
+
+class _Config(NamedTuple):
+    apply_fn: Any
+    optimizer: Any
+    partition: _Partition
+    loss_reduction: str
+    batch_size: int | None  # None: full batch
+    replace: bool
+    ensemble: bool
+    key_per_member: bool
+
+
+def _loss(cfg: _Config, f, p, xb, yb):
+    r = f(p, xb) - yb
+    val = 0.5 * jnp.sum(r * r)
+    if cfg.loss_reduction == "mean":
+        val = val / xb.shape[0]
+    return val, r
+
+
+def _batch_indices(cfg: _Config, key, step, n):
+    b = cfg.batch_size
+    if cfg.replace:
+        return jax.random.randint(jax.random.fold_in(key, step), (b,), 0, n)
+    per_epoch = n // b
+    epoch, j = step // per_epoch, step % per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return jax.lax.dynamic_slice(perm, (j * b,), (b,))
+
+
+def _single_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+    part, opt = cfg.partition, cfg.optimizer
+
+    def f_tr(p, xx):
+        return cfg.apply_fn(part.combine(p, frozen), xx)
+
+    n = x.shape[0]
+
+    def body(carry, step):
+        p, s = carry
+        if cfg.batch_size is None:
+            xb, yb = x, y
+        else:
+            idx = _batch_indices(cfg, key, step, n)
+            xb, yb = x[idx], y[idx]
+        (val, r), g = jax.value_and_grad(lambda q: _loss(cfg, f_tr, q, xb, yb), has_aux=True)(p)
+        if cfg.batch_size is not None:
+            val = _loss(cfg, f_tr, p, x, y)[0]
+        upd, s = opt.update(g, s, p, x=xb, residual=r, apply_fn=f_tr)
+        p = optax.apply_updates(p, upd)
+        return (p, s), val
+
+    steps = start + jnp.arange(length)
+    (p_tr, opt_state), losses = jax.lax.scan(body, (p_tr, opt_state), steps)
+    return p_tr, opt_state, losses
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "length"))
+def _run_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+    fn = functools.partial(_single_chunk, cfg, length)
+    if cfg.ensemble:
+        fn = jax.vmap(fn, in_axes=(0, 0, 0, 0 if cfg.key_per_member else None, None, None, None))
+    return fn(p_tr, opt_state, frozen, key, x, y, start)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _final_loss(cfg: _Config, p_tr, frozen, x, y):
+    def one(p, fr):
+        return _loss(cfg, lambda q, xx: cfg.apply_fn(cfg.partition.combine(q, fr), xx), p, x, y)[0]
+
+    return jax.vmap(one)(p_tr, frozen) if cfg.ensemble else one(p_tr, frozen)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "with_probe"))
+def _record(cfg: _Config, with_probe: bool, p_tr, frozen, params0, x, probe_x):
+    from ntkexp.theory import max_weight_distance, pattern_flip_fraction, supports_patterns
+
+    part = cfg.partition
+
+    def one(p, fr, p0):
+        full = part.combine(p, fr)
+        out = {}
+        if with_probe:
+            out["probe_outputs"] = cfg.apply_fn(full, probe_x)
+            if part.mask is None:
+                out["probe_ntk"] = empirical_ntk(cfg.apply_fn, full, probe_x)
+            else:
+                f_tr = lambda q, xx: cfg.apply_fn(part.combine(q, fr), xx)  # noqa: E731
+                out["probe_ntk"] = empirical_ntk(f_tr, p, probe_x)
+        sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree_util.tree_leaves(full),
+                                                      jax.tree_util.tree_leaves(p0), strict=True))
+        out["distance"] = jnp.sqrt(sq)
+        if supports_patterns(cfg.apply_fn):
+            out["flip_fraction"] = pattern_flip_fraction(cfg.apply_fn, full, p0, x)
+            out["max_weight_distance"] = max_weight_distance(cfg.apply_fn, full, p0)
+        return out
+
+    if cfg.ensemble:
+        return jax.vmap(one)(p_tr, frozen, params0)
+    return one(p_tr, frozen, params0)
+
+
+# --------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------
+
+
+def _check_int(name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def train(
+    apply_fn: Callable,
+    params,
+    x,
+    y,
+    *,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    loss_reduction: str = "mean",
+    batch_size: int | None = None,
+    key: Array | None = None,
+    ensemble: bool = False,
+    trainable=None,
+    record_steps: Sequence[int] = (),
+    probe_x=None,
+    callback: Callable[[int, np.ndarray], Any] | None = None,
+    chunk_size: int | None = None,
+    replace: bool = False,
+) -> TrainResult:
+    """Train ``apply_fn`` on the squared loss; jit + ``lax.scan`` (+ ``vmap`` for ensembles).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (n, out_dim)``; hashable (e.g. an
+        ``MLPApply``) so that compiled steps are reused across calls.
+      params: parameter pytree; with ``ensemble=True`` every leaf has a leading
+        axis K.
+      x: training inputs ``(n, d)``.
+      y: targets ``(n,)`` or ``(n, out_dim)``.
+      optimizer: an optax transformation; it is called with the extra
+        arguments ``x`` (the batch), ``residual`` (``f(x) - y`` on the batch)
+        and ``apply_fn`` (the model as a function of the trainable params).
+      steps: number of updates (>= 0).
+      loss_reduction: ``"mean"`` (1/(2n) sum) or ``"sum"`` (1/2 sum).
+      batch_size: mini-batch size (<= n); None or n means full batch.
+      key: PRNG key for mini-batches (one key, or K keys with ``ensemble``);
+        default ``jax.random.key(0)``.
+      ensemble: params carry a leading axis K of stacked initialisations.
+      trainable: mask of trained leaves: a pytree of bools that is a prefix of
+        params, a callable ``params -> mask``, or None (the apply object's
+        ``trainable_mask`` if it has one, else everything).
+      record_steps: steps (0..steps) at which to record diagnostics.
+      probe_x: ``(n_probe, d)`` points for the recorded outputs and NTK.
+      callback: ``callback(step, losses)`` called from the host after each
+        chunk with the losses so far (numpy, ``(step,)`` or ``(K, step)``).
+      chunk_size: steps per compiled chunk (default: all steps, or about a
+        twentieth of them when a callback is given).
+      replace: mini-batches with replacement (default: without, epoch-wise
+        permutations, a remainder smaller than ``batch_size`` is dropped).
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError / TypeError: bad arguments (one readable sentence).
+      DivergenceError: the loss became NaN or infinite (names step and value).
+    """
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
+    steps = _check_int("steps", steps, 0)
+    x = jnp.asarray(x)
+    y = jnp.asarray(y)
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
+    n = x.shape[0]
+    if y.ndim == 1:
+        y = y[:, None]
+    if y.ndim != 2 or y.shape[0] != n:
+        raise ValueError(f"x and y disagree: x has {n} points but y has shape {tuple(y.shape)}")
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params is empty")
+    dtype = leaves[0].dtype
+    K = None
+    if ensemble:
+        shapes = {jnp.shape(l)[:1] for l in leaves}
+        if len(shapes) != 1 or () in shapes:
+            raise ValueError("with ensemble=True every params leaf needs the same leading axis K")
+        (K,) = shapes.pop()
+    one_params = jax.tree_util.tree_map(lambda l: l[0], params) if ensemble else params
+    try:
+        out = jax.eval_shape(apply_fn, one_params, x)
+    except Exception as e:  # noqa: BLE001 - any failure here is a shape/type mismatch
+        raise ValueError(f"apply_fn(params, x) fails on x of shape {tuple(x.shape)}: {e}") from None
+    if tuple(out.shape) != tuple(y.shape):
+        raise ValueError(f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}")
+    y = y.astype(dtype)
+    if batch_size is not None:
+        batch_size = _check_int("batch_size", batch_size, 1)
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the {n} training points")
+        if batch_size == n and not replace:
+            batch_size = None
+    rec = sorted({_check_int("record step", s, 0) for s in record_steps})
+    if rec and rec[-1] > steps:
+        raise ValueError(f"record step {rec[-1]} is beyond the last step {steps}")
+    with_probe = probe_x is not None
+    if with_probe:
+        probe_x = jnp.asarray(probe_x)
+        if probe_x.ndim != 2 or probe_x.shape[1] != x.shape[1]:
+            raise ValueError(f"probe_x must have shape (m, {x.shape[1]}), got {tuple(probe_x.shape)}")
+    if key is None:
+        key = jax.random.key(0)
+    key_per_member = bool(ensemble and jnp.ndim(key) == 1 and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)))
+    if ensemble and not key_per_member and jnp.ndim(key) == 2:  # raw uint32 keys (K, 2)
+        key_per_member = True
+
+    part = _make_partition(apply_fn, one_params, trainable)
+    opt = optax.with_extra_args_support(optimizer)
+    cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
+                  key_per_member)
+
+    split = jax.vmap(part.split) if ensemble else part.split
+    p_tr, frozen = split(params)
+    opt_state = jax.vmap(opt.init)(p_tr) if ensemble else opt.init(p_tr)
+    params0 = params
+
+    if chunk_size is None:
+        chunk_size = steps if callback is None else max(1, math.ceil(steps / 20))
+    chunk_size = max(1, _check_int("chunk_size", chunk_size, 1))
+    bounds = sorted(set(range(0, steps, chunk_size)) | set(rec) | {steps})
+
+    records: dict[str, list] = {}
+
+    def do_record():
+        r = _record(cfg, with_probe, p_tr, frozen, params0, x, probe_x if with_probe else x[:1])
+        for k, v in r.items():
+            records.setdefault(k, []).append(v)
+
+    loss_chunks: list[np.ndarray] = []
+
+    def check(chunk: np.ndarray, first_step: int):
+        if np.all(np.isfinite(chunk)):
+            return
+        bad = ~np.isfinite(chunk)
+        if ensemble:
+            steps_bad = np.nonzero(bad.any(axis=0))[0]
+            s = int(steps_bad[0])
+            member = int(np.nonzero(bad[:, s])[0][0])
+            v = chunk[member, s]
+            where = f" (ensemble member {member})"
+        else:
+            s = int(np.nonzero(bad)[0][0])
+            v, where = chunk[s], ""
+        raise DivergenceError(
+            f"training diverged at step {first_step + s}: loss = {v}{where}; "
+            "lower the learning rate"
+        )
+
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if a in rec:
+            do_record()
+        p_tr, opt_state, ls = _run_chunk(cfg, b - a, p_tr, opt_state, frozen, key, x, y,
+                                         jnp.asarray(a, jnp.int32))
+        ls = np.asarray(ls)
+        check(ls, a)
+        loss_chunks.append(ls)
+        if callback is not None:
+            callback(b, np.concatenate(loss_chunks, axis=-1))
+    last = np.asarray(_final_loss(cfg, p_tr, frozen, x, y))
+    check(last[..., None], steps)
+    loss_chunks.append(last[..., None])
+    if steps in rec:
+        do_record()
+
+    losses = jnp.asarray(np.concatenate(loss_chunks, axis=-1))
+    combine = jax.vmap(part.combine) if ensemble else part.combine
+    final = combine(p_tr, frozen)
+
+    def stack(name):
+        if name not in records:
+            return None
+        return jnp.stack(records[name], axis=1 if ensemble else 0)
+
+    return TrainResult(
+        params=final,
+        losses=losses,
+        record_steps=tuple(rec),
+        probe_outputs=stack("probe_outputs"),
+        probe_ntk=stack("probe_ntk"),
+        distance=stack("distance"),
+        flip_fraction=stack("flip_fraction"),
+        max_weight_distance=stack("max_weight_distance"),
+        opt_state=opt_state,
+    )
+
+
+def init_ensemble(build_or_spec, in_dim: int, keys: Array, dtype=None):
+    """Stacked initialisations: ``(apply_fn, params)`` with a leading axis ``K = len(keys)``.
+
+    Args:
+      build_or_spec: a registered architecture spec (``MLPSpec``,
+        ``TwoLayerSpec``, ...: the builder registered with that spec type is
+        used), or a builder ``(key) -> (apply_fn, params)``.
+      in_dim: input dimension d.
+      keys: ``(K,)`` PRNG keys (e.g. ``jax.random.split(jax.random.key(0), K)``).
+      dtype: parameter dtype (default float32).
+
+    Returns:
+      ``(apply_fn, params)``; member k equals the single build from ``keys[k]``.
+    """
+    from ntkexp.models.registry import ARCHITECTURES
+
+    if callable(build_or_spec) and not hasattr(build_or_spec, "__dataclass_fields__"):
+        build = build_or_spec
+    else:
+        arch = next((a for _, a in ARCHITECTURES.items() if a.make_spec is type(build_or_spec)), None)
+        if arch is None:
+            raise TypeError(
+                f"no registered architecture builds specs of type {type(build_or_spec).__name__}"
+            )
+
+        def build(k):
+            return arch.build(build_or_spec, in_dim, k, dtype)
+
+    keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
+    k0 = keys[0]
+    apply_fn, _ = build(k0)
+    try:
+        params = jax.vmap(lambda k: build(k)[1])(keys)
+    except Exception:  # noqa: BLE001 - a builder that cannot be vmapped: build one by one
+        ps = [build(keys[i])[1] for i in range(keys.shape[0])]
+        params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ps)
+    return apply_fn, params
