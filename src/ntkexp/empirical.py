@@ -1,21 +1,651 @@
-"""Empirical NTK and NNGP of finite networks (first version: Jacobian contraction)."""
+"""Empirical NTK and NNGP of finite networks, and Monte Carlo limit estimates.
+
+The empirical neural tangent kernel of a network ``f(theta, x) in R^out`` is
+(Jacot et al. 2018, section 4)::
+
+    Theta_ab(x, x') = < df_a(x)/dtheta, df_b(x')/dtheta >.
+
+Four ways to compute it (``method=``):
+
+* ``"jacobian"``: per-example Jacobians ``J(x) = df(x)/dtheta`` (one vjp per
+  example and output, ``jax.jacrev`` vmapped over examples), contracted over
+  the parameters. FLOPs ``~ 3 F out (n1 + n2) + 2 n1 n2 out^t P`` with ``P``
+  the parameter count, ``F`` the forward FLOPs of one example and ``t = 1``
+  (traced) or ``2`` (full); memory one block of Jacobian rows.
+* ``"jvp"``: NTK-vector products ``Theta(X1, x'_j) e_b = J(X1) (J(x'_j)^T e_b)``:
+  the vjp of example ``j`` gives a parameter-space tangent, a jvp of the
+  linearised network on ``X1`` gives the column. Never holds more than a chunk
+  of tangents. FLOPs ``~ 3 F out n2 + 2 F out n1 n2``.
+* ``"structured"``: for stacks of dense layers (anything with a
+  ``structure(params, x)`` method, e.g. :class:`ntkexp.models.mlp.MLPApply`).
+  A dense layer ``z = w a W + beta b`` has ``df/dW = w a b^T`` and
+  ``df/db = beta b`` with ``a`` the layer input and ``b = df/dz`` the backward
+  vector, so (the seed's factorisation; Jacot et al. 2018, eq. 1)::
+
+      Theta_ab(x, x') = sum_h (w_h^2 <a_h(x), a_h(x')> + beta_h^2)
+                              * <b_h,a(x), b_h,b(x')>.
+
+  The output layer has ``b_a = e_a``. FLOPs ``~ 4 n P' out`` (one forward,
+  one backward through the activations per output) plus
+  ``2 n1 n2 sum_h (n_in_h + out^t width_h)`` for the per-layer Grams, halved
+  when ``x2 is None`` (only the upper triangle of blocks is computed).
+* ``"auto"``: ``"structured"`` where it applies; otherwise the cheaper of
+  ``"jacobian"`` and ``"jvp"`` by the FLOP estimates above, with ``F`` taken
+  from XLA's cost analysis of ``apply_fn`` on one example (``2 P`` if XLA gives
+  none). For MLP-like models (``F ~ 2 P``) this picks ``"jacobian"`` for
+  traced kernels and ``"jvp"`` for full kernels with more than two outputs.
+
+All methods tile the input pairs into blocks (``block_size``) to bound memory,
+are jit-compiled, follow the dtype of ``params``, and work under ``jax.vmap``
+over a stack of parameter sets. ``apply_fn(params, x)`` must treat examples
+independently (as every model with frozen state does).
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ntkexp.kernels.base import Kernel
+
+Array = jax.Array
+
+METHODS = ("auto", "structured", "jvp", "jacobian")
+GENERIC_METHODS = ("jvp", "jacobian")
+
+# Memory budget (bytes) for one block of Jacobian rows / jvp tangents when
+# ``block_size`` is None.
+_JAC_BUDGET = 512 * 2**20
+# Default tile for the symmetric structured path (upper-triangle tiling halves
+# the Gram FLOPs once there are several tiles).
+_STRUCT_TILE = 512
 
 
-def empirical_ntk(apply_fn, params, x1, x2=None, *, method="auto", block_size=None,
-                  trace_outputs=True):
-    """Empirical NTK ``<df(x1)/dtheta, df(x2)/dtheta>``: ``(n1, n2)`` (traced over outputs)."""
-    def jac(x):
-        j = jax.jacrev(apply_fn)(params, x)  # leaves (n, out, *pshape)
-        return [l.reshape(l.shape[0], l.shape[1], -1) for l in jax.tree_util.tree_leaves(j)]
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
 
-    j1 = jac(x1)
-    j2 = j1 if x2 is None else jac(x2)
-    k = sum(jnp.einsum("iap,jbp->ijab", a, b) for a, b in zip(j1, j2, strict=True))
-    if trace_outputs:
-        return jnp.trace(k, axis1=2, axis2=3)
-    return k
+
+def _spec_of(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+_FIT_CACHE: dict = {}
+
+
+def _check_fit(apply_fn, params, x) -> jax.ShapeDtypeStruct:
+    """Shape of ``apply_fn(params, x[:1])`` or one clear ValueError."""
+    pspec = _spec_of(params)
+    leaves, treedef = jax.tree_util.tree_flatten(pspec)
+    key = (apply_fn, treedef, tuple((l.shape, str(l.dtype)) for l in leaves),
+           tuple(x.shape[1:]), str(x.dtype))
+    try:
+        hit = _FIT_CACHE.get(key)
+    except TypeError:  # unhashable apply_fn
+        hit, key = None, None
+    if hit is not None:
+        return hit
+    if not leaves:
+        raise ValueError("params has no array leaves; there is nothing to differentiate")
+    for l in leaves:
+        if not jnp.issubdtype(l.dtype, jnp.inexact):
+            raise TypeError(f"params leaves must be floating point, got a leaf of dtype {l.dtype}")
+    xs = jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype)
+    try:
+        out = jax.eval_shape(apply_fn, pspec, xs)
+    except Exception as e:  # noqa: BLE001 - re-raised as one readable line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"apply_fn cannot be applied to these params and inputs of shape "
+            f"(n, {', '.join(map(str, x.shape[1:]))}): {first}"
+        ) from None
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2 or out.shape[0] != 1:
+        raise ValueError(
+            f"apply_fn(params, x) must return one array of shape (n, out), got {out!r}"
+        )
+    if key is not None:
+        _FIT_CACHE[key] = out
+    return out
+
+
+def _check_inputs(x1, x2):
+    x1 = jnp.asarray(x1)
+    if x1.ndim < 1 or x1.shape[0] < 1:
+        raise ValueError(f"x1 must be a non-empty batch of inputs (n1, ...), got shape {x1.shape}")
+    if x2 is not None:
+        x2 = jnp.asarray(x2)
+        if x2.ndim != x1.ndim or x2.shape[1:] != x1.shape[1:] or x2.shape[0] < 1:
+            raise ValueError(
+                f"x1 and x2 must have the same input shape, got {tuple(x1.shape)} "
+                f"and {tuple(x2.shape)}"
+            )
+    return x1, x2
+
+
+def _check_block(block_size):
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+    return int(block_size)
+
+
+def has_structure(apply_fn) -> bool:
+    """Whether ``apply_fn`` exposes its dense-layer structure (``structure(params, x)``)."""
+    return callable(getattr(apply_fn, "structure", None))
+
+
+# --------------------------------------------------------------------------
+# Tiling over input pairs
+# --------------------------------------------------------------------------
+
+
+def _to_blocks(tree, m: int):
+    """Pad the leading axis ``n`` of every leaf to ``k*m`` and reshape to ``(k, m, ...)``."""
+
+    def f(a):
+        n = a.shape[0]
+        k = -(-n // m)
+        if k * m != n:
+            a = jnp.concatenate([a, jnp.zeros((k * m - n,) + a.shape[1:], a.dtype)])
+        return a.reshape((k, m) + a.shape[1:])
+
+    return jax.tree_util.tree_map(f, tree)
+
+
+def _swap(K, full: bool):
+    """Transpose a kernel block: ``K[i, j] -> K[j, i]`` (and outputs ``a, b -> b, a``)."""
+    return K.transpose(1, 0, 3, 2) if full else K.T
+
+
+def _tiled(pair_fn, b1, b2, n1: int, n2: int, *, sym: bool, full: bool):
+    """Assemble ``(n1, n2[, out, out])`` from ``pair_fn(block1, block2, same)``.
+
+    ``b1``/``b2`` are pytrees of ``(k, m, ...)`` blocks. When ``sym`` only the
+    upper triangle of block pairs is computed, diagonal blocks are symmetrised
+    (``(K + K^T) / 2``, exact elsewhere), and the lower triangle is filled by
+    transposition, so the result is exactly symmetric.
+    """
+    k1 = jax.tree_util.tree_leaves(b1)[0].shape[0]
+    k2 = jax.tree_util.tree_leaves(b2)[0].shape[0]
+    take = lambda tree, i: jax.tree_util.tree_map(lambda a: a[i], tree)  # noqa: E731
+    if k1 == 1 and k2 == 1:
+        K = pair_fn(take(b1, 0), take(b2, 0), sym)
+        if sym:
+            K = (K + _swap(K, full)) / 2
+        return K[:n1, :n2]
+    if sym:
+        pairs = [(i, j) for i in range(k1) for j in range(i, k1)]
+    else:
+        pairs = [(i, j) for i in range(k1) for j in range(k2)]
+    I = jnp.asarray([p[0] for p in pairs], jnp.int32)
+    J = jnp.asarray([p[1] for p in pairs], jnp.int32)
+
+    def body(ij):
+        i, j = ij
+        blk1 = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), b1)
+        blk2 = jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False), b2)
+        K = pair_fn(blk1, blk2, False)
+        if sym:
+            K = jnp.where(i == j, (K + _swap(K, full)) / 2, K)
+        return K
+
+    blocks = lax.map(body, (I, J))  # (pairs, m1, m2[, o, o])
+    m1, m2 = blocks.shape[1], blocks.shape[2]
+    tail = blocks.shape[3:]
+    out = jnp.zeros((k1, k2, m1, m2) + tail, blocks.dtype).at[I, J].set(blocks)
+    if sym:
+        swapped = blocks.transpose((0, 2, 1) + ((4, 3) if full else ()))
+        out = out.at[J, I].set(swapped)
+    out = jnp.moveaxis(out, 2, 1).reshape((k1 * m1, k2 * m2) + tail)
+    return out[:n1, :n2]
+
+
+# --------------------------------------------------------------------------
+# Structured (dense-layer factorisation)
+# --------------------------------------------------------------------------
+
+
+def _structured_pair(f1, f2, meta, *, full: bool):
+    """Kernel block from layer inputs and backward vectors (module docstring formula)."""
+    inputs1, back1 = f1
+    inputs2, back2 = f2
+    w_mults, b_mults, out_dim = meta["w"], meta["b"], meta["out"]
+    L = len(inputs1) - 1
+    K = None
+    for h in range(L + 1):
+        c = (w_mults[h] ** 2) * (inputs1[h] @ inputs2[h].T)
+        if b_mults[h] != 0.0:
+            c = c + b_mults[h] ** 2
+        if h < L:
+            u, v = back1[h], back2[h]  # (m, out, width)
+            if full:
+                B = jnp.einsum("iaw,jbw->ijab", u, v)
+                term = c[:, :, None, None] * B
+            else:
+                term = c * (u.reshape(u.shape[0], -1) @ v.reshape(v.shape[0], -1).T)
+        else:
+            if full:
+                eye = jnp.eye(out_dim, dtype=c.dtype)
+                term = c[:, :, None, None] * eye[None, None]
+            else:
+                term = out_dim * c
+        K = term if K is None else K + term
+    return K
+
+
+def _structure_features(apply_fn, params, x, m):
+    """``(inputs, backward)`` blocked ``(k, m, ...)``, plus static multipliers."""
+    meta: dict[str, Any] = {}
+
+    def feats(xb):
+        st = apply_fn.structure(params, xb)
+        meta.update(w=tuple(float(w) for w in st.w_mults),
+                    b=tuple(float(b) for b in st.b_mults), out=st.out.shape[1])
+        return tuple(st.inputs), tuple(st.backward)
+
+    xb = _to_blocks(x, m)
+    if xb.shape[0] == 1:
+        f = jax.tree_util.tree_map(lambda a: a[None], feats(xb[0]))
+    else:
+        f = lax.map(feats, xb)
+    return f, meta
+
+
+def _ntk_structured(apply_fn, params, x1, x2, *, m1, m2, full):
+    sym = x2 is None
+    f1, meta = _structure_features(apply_fn, params, x1, m1)
+    f2 = f1 if sym else _structure_features(apply_fn, params, x2, m2)[0]
+    n2 = x1.shape[0] if sym else x2.shape[0]
+
+    def pair(a, b, same):
+        return _structured_pair(a, b, meta, full=full)
+
+    return _tiled(pair, f1, f2, x1.shape[0], n2, sym=sym, full=full)
+
+
+# --------------------------------------------------------------------------
+# Generic: Jacobian contraction and NTK-vector products
+# --------------------------------------------------------------------------
+
+
+def _per_example(apply_fn):
+    return lambda p, xi: apply_fn(p, xi[None])[0]  # (out,)
+
+
+def _jacobian_rows(apply_fn, params, xb):
+    """Leaves ``(m, out, *pshape)``: per-example Jacobians ``df(x_i)/dtheta``."""
+    return jax.vmap(jax.jacrev(_per_example(apply_fn)), in_axes=(None, 0))(params, xb)
+
+
+def _contract(J1, J2, *, full: bool):
+    K = None
+    for a, b in zip(jax.tree_util.tree_leaves(J1), jax.tree_util.tree_leaves(J2), strict=True):
+        m1, o = a.shape[:2]
+        m2 = b.shape[0]
+        if full:
+            t = (a.reshape(m1 * o, -1) @ b.reshape(m2 * o, -1).T).reshape(m1, o, m2, o)
+            t = t.transpose(0, 2, 1, 3)
+        else:
+            t = a.reshape(m1, -1) @ b.reshape(m2, -1).T
+        K = t if K is None else K + t
+    return K
+
+
+def _ntk_jacobian(apply_fn, params, x1, x2, *, m1, m2, full):
+    sym = x2 is None
+
+    def pair(xa, xb, same):
+        Ja = _jacobian_rows(apply_fn, params, xa)
+        Jb = Ja if same else _jacobian_rows(apply_fn, params, xb)
+        return _contract(Ja, Jb, full=full)
+
+    b1 = _to_blocks(x1, m1)
+    b2 = b1 if sym else _to_blocks(x2, m2)
+    n2 = x1.shape[0] if sym else x2.shape[0]
+    return _tiled(pair, b1, b2, x1.shape[0], n2, sym=sym, full=full)
+
+
+def _ntk_jvp(apply_fn, params, x1, x2, *, m1, m2, chunk, full):
+    sym = x2 is None
+    f1 = _per_example(apply_fn)
+
+    def pair(xa, xb, same):
+        _, lin = jax.linearize(lambda p: apply_fn(p, xa), params)  # primal once per block
+
+        def column(xj):
+            out, vjp_fn = jax.vjp(lambda p: f1(p, xj), params)
+            eye = jnp.eye(out.shape[0], dtype=out.dtype)
+            tangents = jax.vmap(lambda e: vjp_fn(e)[0])(eye)  # (out, *pshape): J(x_j)^T e_b
+            return jax.vmap(lin)(tangents)  # (out_b, m1, out_a)
+
+        cols = lax.map(column, xb, batch_size=min(chunk, xb.shape[0]))  # (m2, out_b, m1, out_a)
+        if full:
+            return cols.transpose(2, 0, 3, 1)
+        return jnp.trace(cols, axis1=1, axis2=3).T
+
+    b1 = _to_blocks(x1, m1)
+    b2 = b1 if sym else _to_blocks(x2, m2)
+    n2 = x1.shape[0] if sym else x2.shape[0]
+    return _tiled(pair, b1, b2, x1.shape[0], n2, sym=sym, full=full)
+
+
+_STATIC = ("apply_fn", "method", "m1", "m2", "chunk", "full")
+
+
+def _ntk_core_impl(params, x1, x2, *, apply_fn, method, m1, m2, chunk, full):
+    if method == "structured":
+        return _ntk_structured(apply_fn, params, x1, x2, m1=m1, m2=m2, full=full)
+    if method == "jacobian":
+        return _ntk_jacobian(apply_fn, params, x1, x2, m1=m1, m2=m2, full=full)
+    return _ntk_jvp(apply_fn, params, x1, x2, m1=m1, m2=m2, chunk=chunk, full=full)
+
+
+_ntk_core = jax.jit(_ntk_core_impl, static_argnames=_STATIC)
+
+
+# --------------------------------------------------------------------------
+# Cost model (for "auto" and the benchmark)
+# --------------------------------------------------------------------------
+
+_FLOP_CACHE: dict = {}
+
+
+def forward_flops(apply_fn, params, x_example_shape, dtype) -> float:
+    """FLOPs of ``apply_fn`` on one example, from XLA's cost analysis (``2 P`` if none)."""
+    pspec = _spec_of(params)
+    leaves, treedef = jax.tree_util.tree_flatten(pspec)
+    P = float(sum(math.prod(l.shape) for l in leaves))
+    key = (apply_fn, treedef, tuple(l.shape for l in leaves), tuple(x_example_shape), str(dtype))
+    try:
+        if key in _FLOP_CACHE:
+            return _FLOP_CACHE[key]
+    except TypeError:
+        key = None
+    flops = 2.0 * P
+    try:
+        xs = jax.ShapeDtypeStruct((1,) + tuple(x_example_shape), dtype)
+        ca = jax.jit(apply_fn).lower(pspec, xs).cost_analysis()
+        if isinstance(ca, (list, tuple)):
+            ca = ca[0] if ca else None
+        if ca and ca.get("flops", 0) > 0:
+            flops = float(ca["flops"])
+    except Exception:  # noqa: BLE001 - cost analysis is best effort
+        pass
+    if key is not None:
+        _FLOP_CACHE[key] = flops
+    return flops
+
+
+def generic_costs(F: float, P: float, n1: int, n2: int, out: int, *, full: bool, sym: bool) -> dict:
+    """FLOP estimates of the generic methods (module docstring); used by ``"auto"``."""
+    half = 0.5 if sym else 1.0
+    jac = 3 * F * out * (n1 + (0 if sym else n2)) + 2 * n1 * n2 * P * out ** (2 if full else 1) * half
+    jvp = 3 * F * out * n2 + 2 * F * out * n1 * n2 * half
+    return {"jacobian": jac, "jvp": jvp}
+
+
+def structured_flops(spec, in_dim: int, n1: int, n2: int | None = None, *, full=False) -> float:
+    """FLOPs of the structured method on an MLP (what ``"auto"`` runs for one).
+
+    Forward ``2 n P_W``, backward through the activations ``2 n (P_W - in*width
+    - width*out)`` per output (the first layer's and the output layer's weights
+    need no backward matmul beyond ``b^(depth-1)``), and per layer the Grams:
+    ``2 n1 n2 (n_in + out^t width)`` (``t = 1`` traced, ``2`` full), halved when
+    ``n2`` is None (symmetric; upper triangle only; exact for whole tiles).
+    """
+    sym = n2 is None
+    n2_ = n1 if sym else n2
+    dims = spec.layer_dims(in_dim)
+    out = spec.out_dim
+    n_tot = n1 if sym else n1 + n2_
+    pw = sum(i * o for i, o in dims)
+    fwd = 2 * n_tot * pw
+    bwd = 2 * n_tot * out * sum(i * o for i, o in dims[1:-1]) + 2 * n_tot * out * spec.width * (spec.depth > 0)
+    t = 2 if full else 1
+    gram = 0.0
+    for h, (i, o) in enumerate(dims):
+        gram += 2 * n1 * n2_ * i
+        if h < len(dims) - 1:
+            gram += 2 * n1 * n2_ * o * out**t
+    if sym:
+        gram /= 2
+    return float(fwd + bwd + gram)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def _itemsize(params) -> int:
+    return max(jnp.dtype(l.dtype).itemsize for l in jax.tree_util.tree_leaves(_spec_of(params)))
+
+
+def _nparams(params) -> int:
+    return int(sum(math.prod(jnp.shape(l)) for l in jax.tree_util.tree_leaves(params)))
+
+
+def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
+                  block_size: int | None = None, trace_outputs: bool = True) -> Array:
+    """Empirical NTK ``<df(x1)/dtheta, df(x2)/dtheta>`` of a finite network.
+
+    Args:
+      apply_fn: pure ``apply_fn(params, x) -> (n, out)`` (``ntkexp.functional``
+        of a Flax NNX module, a linen ``module.apply``, or an
+        :class:`~ntkexp.models.mlp.MLPApply`).
+      params: the parameter pytree (floating point leaves).
+      x1: inputs ``(n1, ...)``.
+      x2: inputs ``(n2, ...)`` or None for ``x2 = x1`` (then the result is
+        exactly symmetric and only half the work is done).
+      method: ``"auto"``, ``"structured"``, ``"jvp"`` or ``"jacobian"``
+        (see the module docstring for what each does and costs).
+      block_size: tile size over inputs bounding peak memory (the kernel is
+        assembled from ``block_size x block_size`` tiles); None chooses one
+        (whole inputs for the structured method up to 512 inputs, else tiles
+        of at most 512; Jacobian/tangent blocks of at most 512 MiB).
+      trace_outputs: if True return ``sum_a Theta_aa`` of shape ``(n1, n2)``;
+        else the full ``(n1, n2, out, out)`` kernel ``Theta_ab(x1_i, x2_j)``.
+
+    Returns:
+      ``(n1, n2)`` or ``(n1, n2, out, out)`` array in the dtype of the outputs.
+
+    Raises:
+      ValueError: unknown method, bad ``block_size``, params that do not fit
+        ``apply_fn``, mismatched input shapes, or ``"structured"`` for a model
+        without dense-layer structure.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    block_size = _check_block(block_size)
+    x1, x2 = _check_inputs(x1, x2)
+    out = _check_fit(apply_fn, params, x1)
+    sym = x2 is None
+    n1 = x1.shape[0]
+    n2 = n1 if sym else x2.shape[0]
+    full = not trace_outputs
+    structured_ok = has_structure(apply_fn)
+    if method == "structured" and not structured_ok:
+        raise ValueError(
+            f"method 'structured' needs a model that exposes its dense-layer structure "
+            f"(an MLPApply or an apply_fn with a structure(params, x) method), got "
+            f"{type(apply_fn).__name__}; use method 'jvp', 'jacobian' or 'auto'"
+        )
+    o = out.shape[1]
+    if method == "auto":
+        if structured_ok:
+            method = "structured"
+        else:
+            P = _nparams(params)
+            F = forward_flops(apply_fn, params, x1.shape[1:], x1.dtype)
+            costs = generic_costs(F, P, n1, n2, o, full=full, sym=sym)
+            method = min(costs, key=costs.get)
+    chunk = 1
+    if method == "structured":
+        if block_size is not None:
+            m1 = m2 = block_size
+        elif sym and n1 > _STRUCT_TILE:
+            k = -(-n1 // _STRUCT_TILE)
+            m1 = m2 = -(-n1 // k)
+        else:
+            m1, m2 = n1, n2
+    else:
+        row_bytes = max(1, o * _nparams(params) * _itemsize(params))
+        default = max(1, _JAC_BUDGET // row_bytes)
+        if method == "jacobian":
+            m = block_size or default
+            m1, m2 = min(m, n1), min(m, n2)
+        else:
+            m1 = min(block_size or n1, n1)
+            m2 = min(block_size or n2, n2)
+            chunk = max(1, min(default, m2))
+    if sym:
+        m2 = m1
+    return _ntk_core(params, x1, x2, apply_fn=apply_fn, method=method,
+                     m1=int(m1), m2=int(m2), chunk=int(chunk), full=full)
+
+
+def _nngp_pair(a, b, same, *, w2, b2):
+    K = w2 * (a @ b.T)
+    return K + b2 if b2 != 0.0 else K
+
+
+def _nngp_core_impl(params, x1, x2, *, apply_fn, m):
+    sym = x2 is None
+    spec = apply_fn.spec
+
+    def feats(xb):
+        return apply_fn.forward(params, xb)[1][-1]
+
+    def blocked(x):
+        xb = _to_blocks(x, m)
+        if xb.shape[0] == 1:
+            return feats(xb[0])[None]
+        return lax.map(feats, xb)
+
+    f1 = blocked(x1)
+    f2 = f1 if sym else blocked(x2)
+    fan_in = f1.shape[-1]
+    w2 = spec.W_std**2 / fan_in
+    b2 = spec.b_std**2
+
+    def pair(a, b, same):
+        return _nngp_pair(a, b, same, w2=w2, b2=b2)
+
+    n2 = x1.shape[0] if sym else x2.shape[0]
+    return _tiled(pair, f1, f2, x1.shape[0], n2, sym=sym, full=False)
+
+
+_nngp_core = jax.jit(_nngp_core_impl, static_argnames=("apply_fn", "m"))
+
+
+def empirical_nngp(apply_fn, params, x1, x2=None, *, block_size: int | None = None) -> Array:
+    """Empirical NNGP from the last hidden layer's features.
+
+    For an MLP with last-hidden-layer features ``a(x)`` of width ``n``, this is
+    the covariance of the output over the readout layer's prior given the
+    features (Lee et al. 2018; Jacot et al. 2018, Prop. 1)::
+
+        K(x, x') = W_std^2 / n <a(x), a(x')> + b_std^2.
+
+    In NTK parameterization this is ``w_mult^2 <a, a'> + b_mult^2``; in standard
+    parameterization the same formula (with the spec's ``W_std``, ``b_std``)
+    is used, since both parameterizations draw the same function distribution.
+    Its mean over initialisations is the analytic NNGP (per output).
+
+    Args:
+      apply_fn: an :class:`~ntkexp.models.mlp.MLPApply` (anything with
+        ``spec`` and ``forward(params, x)`` returning layer inputs).
+      params: its parameter pytree.
+      x1: ``(n1, d)``; x2: ``(n2, d)`` or None (exactly symmetric result).
+      block_size: tile size over inputs (None: whole inputs).
+
+    Returns:
+      ``(n1, n2)`` array.
+    """
+    if not (has_structure(apply_fn) and hasattr(apply_fn, "spec") and hasattr(apply_fn, "forward")):
+        raise ValueError(
+            "empirical_nngp needs a model that exposes its last hidden layer (an MLPApply); "
+            f"got {type(apply_fn).__name__}. For other models estimate the NNGP as the "
+            "output covariance over initialisations (monte_carlo_kernel)"
+        )
+    block_size = _check_block(block_size)
+    x1, x2 = _check_inputs(x1, x2)
+    _check_fit(apply_fn, params, x1)
+    m = block_size or max(x1.shape[0], 1 if x2 is None else x2.shape[0])
+    return _nngp_core(params, x1, x2, apply_fn=apply_fn, m=int(m))
+
+
+def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, width: int,
+                       method: str = "auto", batch_size: int | None = None,
+                       dtype=None) -> Kernel:
+    """Monte Carlo estimate of the infinite-width NNGP and NTK.
+
+    Averages the empirical kernels of ``n_samples`` independent initialisations
+    (vmapped over keys) of width ``width``; the mean converges to the analytic
+    ``Kernel`` as ``width -> inf`` (Jacot et al. 2018, Thm. 1 and 2) and the
+    sampling error falls like ``1/sqrt(n_samples * width)``.
+
+    Args:
+      spec_or_builder: an :class:`~ntkexp.models.mlp.MLPSpec` (its width is
+        replaced by ``width``) or a builder ``(key, width) -> (apply_fn,
+        params)`` returning the same ``apply_fn`` for every key.
+      x1: ``(n1, ...)``; x2: ``(n2, ...)`` or None.
+      key: PRNG key.
+      n_samples: number of initialisations K >= 1.
+      width: hidden width.
+      method: empirical NTK method.
+      batch_size: initialisations per vmapped batch (None: all at once).
+      dtype: parameter dtype for an MLPSpec (default: the dtype of ``x1``).
+
+    Returns:
+      ``Kernel(nngp, ntk)``, each ``(n1, n2)``, per output: the NTK is the
+      output-traced NTK divided by ``out``; the NNGP is the empirical NNGP
+      (last hidden layer) for MLPs, else the output covariance
+      ``mean_a f_a(x) f_a(x')``.
+    """
+    from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
+
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
+    x1, x2 = _check_inputs(x1, x2)
+    if isinstance(spec_or_builder, MLPSpec):
+        spec = spec_or_builder.replace(width=width)
+        in_dim = x1.shape[1]
+        pdtype = dtype or x1.dtype
+
+        def builder(k, w):
+            return MLPApply(spec), init_params(spec, in_dim, k, pdtype)
+    elif callable(spec_or_builder):
+        builder = spec_or_builder
+    else:
+        raise TypeError(
+            f"spec_or_builder must be an MLPSpec or a builder (key, width) -> (apply_fn, params), "
+            f"got {type(spec_or_builder).__name__}"
+        )
+    keys = jax.random.split(key, n_samples)
+    apply_fn, p0 = builder(keys[0], width)
+    out_dim = _check_fit(apply_fn, p0, x1).shape[1]
+    del p0
+    mlp_like = has_structure(apply_fn) and hasattr(apply_fn, "spec")
+
+    def one(k):
+        params = builder(k, width)[1]
+        ntk = empirical_ntk(apply_fn, params, x1, x2, method=method) / out_dim
+        if mlp_like:
+            nngp = empirical_nngp(apply_fn, params, x1, x2)
+        else:
+            f1 = apply_fn(params, x1)
+            f2 = f1 if x2 is None else apply_fn(params, x2)
+            nngp = (f1 @ f2.T) / out_dim
+        return Kernel(nngp, ntk)
+
+    ks = lax.map(one, keys, batch_size=batch_size or n_samples)
+    return Kernel(jnp.mean(ks.nngp, axis=0), jnp.mean(ks.ntk, axis=0))

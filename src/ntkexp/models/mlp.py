@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,9 +180,10 @@ class MLPApply:
         Args:
           params: MLP parameter pytree.
           x: inputs ``(n, in_dim)``.
-          taps: optional list of ``depth + 1`` arrays added to each layer's
-            pre-activation ``z^(h)`` (zeros give the plain forward pass); the
-            vjp with respect to them is the backward vector ``b^(h) = df/dz^(h)``.
+          taps: optional list of ``depth + 1`` arrays (or None entries, meaning
+            no tap) added to each layer's pre-activation ``z^(h)`` (zeros give
+            the plain forward pass); the vjp with respect to them is the
+            backward vector ``b^(h) = df/dz^(h)``.
 
         Returns:
           ``(out (n, out_dim), [a^(0) = x, a^(1), ..., a^(depth)])`` where
@@ -209,10 +210,79 @@ class MLPApply:
             z = w_mult * (a @ p["W"])
             if "b" in p:
                 z = z + b_mult * p["b"]
-            if taps is not None:
+            if taps is not None and taps[h] is not None:
                 z = z + taps[h]
             a = act.fn(z) if h < n_layers - 1 else z
         return a, inputs
+
+
+    def structure(self, params, x: Array) -> MLPStructure:
+        """Layer inputs and backward vectors for the structured empirical NTK.
+
+        One forward pass (with zero taps on the hidden pre-activations) and one
+        vjp per output component with respect to the taps give every backward
+        vector ``b^(h) = df/dz^(h)``; no parameter gradient is formed. Cost
+        ``O(n P out_dim)``.
+
+        Args:
+          params: MLP parameter pytree.
+          x: inputs ``(n, in_dim)``.
+
+        Returns:
+          An :class:`MLPStructure`.
+        """
+        spec = self.spec
+        layers = params["layers"]
+        dtype = layers[0]["W"].dtype
+        n = jnp.shape(x)[0]
+        taps = [jnp.zeros((n, spec.width), dtype) for _ in range(spec.depth)]
+
+        def f(t):
+            out, inputs = self.forward(params, x, list(t) + [None])
+            return out, inputs
+
+        out, vjp_fn, inputs = jax.vjp(f, taps, has_aux=True)
+        out_dim = out.shape[1]
+        if spec.depth == 0:
+            backward = ()
+        elif out_dim == 1:
+            backward = tuple(b[:, None, :] for b in vjp_fn(jnp.ones_like(out))[0])
+        else:
+            eye = jnp.eye(out_dim, dtype=out.dtype)
+            cots = jnp.broadcast_to(eye[:, None, :], (out_dim, n, out_dim))
+            bs = jax.vmap(lambda c: vjp_fn(c)[0])(cots)  # each (out, n, width)
+            backward = tuple(jnp.swapaxes(b, 0, 1) for b in bs)
+        w_mults, b_mults = [], []
+        for p in (layers[h] for h in range(spec.depth + 1)):
+            wm, bm = layer_scales(spec, p["W"].shape[0])
+            w_mults.append(wm)
+            b_mults.append(bm if "b" in p else 0.0)
+        return MLPStructure(out, tuple(inputs), backward, tuple(w_mults), tuple(b_mults))
+
+
+class MLPStructure(NamedTuple):
+    """Per-layer factors of an MLP's parameter gradients (see :meth:`MLPApply.structure`).
+
+    With ``a^(h)`` the input of dense layer ``h`` and ``b^(h) = df/dz^(h)`` the
+    backward vector at its pre-activation, ``df/dW^(h) = w_mult_h a^(h) b^(h)^T``
+    and ``df/db^(h) = b_mult_h b^(h)`` (Jacot et al. 2018, eq. 1; chain rule).
+
+    Attributes:
+      out: network output ``(n, out_dim)``.
+      inputs: ``depth + 1`` arrays ``a^(h)`` of shape ``(n, n_in_h)``
+        (``a^(0) = x``).
+      backward: ``depth`` arrays ``b^(h)`` of shape ``(n, out_dim, width)`` for
+        the hidden layers ``h = 0 .. depth-1``; the output layer's backward
+        vector is the identity ``df_a/dz^(depth)_c = delta_ac`` and is omitted.
+      w_mults: ``depth + 1`` forward weight multipliers (``layer_scales``).
+      b_mults: ``depth + 1`` bias multipliers; 0.0 where the layer has no bias.
+    """
+
+    out: Array
+    inputs: tuple
+    backward: tuple
+    w_mults: tuple
+    b_mults: tuple
 
 
 def init_params(spec: MLPSpec, in_dim: int, key: Array, dtype=None):
