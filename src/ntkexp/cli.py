@@ -1,0 +1,149 @@
+"""The ``ntkexp`` command line: ``run``, ``plot``, ``validate``, ``list``.
+
+::
+
+    ntkexp run CONFIG [--set KEY=VALUE ...] [--preset P] [--out DIR] [--quiet] [--force]
+    ntkexp plot RUN_DIR
+    ntkexp validate CONFIG [--set ...] [--preset P]
+    ntkexp list
+
+Errors a user can cause (bad config, missing file, unknown experiment, a GPU
+asked for but absent) print one line ``ntkexp: error: ...`` on stderr and exit
+with status 2, without a traceback. ``run`` ends by printing the run folder and
+the main figure. The default run folder is ``runs/<config stem>[-<preset>]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+USAGE_ERROR = 2
+
+
+class _OneLineError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints usage too: keep it to one line
+        raise _OneLineError(f"{message} (see `ntkexp {self.prog.split()[-1]} --help`)"
+                            if " " in self.prog else f"{message} (see `ntkexp --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ntkexp", description="Finite networks beside their infinite-width "
+                "limits: run paper-figure experiments from YAML configs.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    def config_args(sp):
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="dotted override, value parsed as YAML (repeatable), "
+                             "e.g. --set model.width=1024 --set 'model.width=[100,1000]'")
+        sp.add_argument("--preset", default=None, help="a preset named in the config "
+                        "(e.g. cpu, paper, tiny)")
+
+    r = sub.add_parser("run", help="run a config; prints the run folder and main figure")
+    config_args(r)
+    r.add_argument("--out", default=None, help="run folder (default runs/<stem>[-<preset>])")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--force", action="store_true", help="recompute cached units")
+
+    pl = sub.add_parser("plot", help="redraw a run's figures from its saved results")
+    pl.add_argument("run_dir")
+
+    v = sub.add_parser("validate", help="check a config (and preset/overrides) without running")
+    config_args(v)
+
+    sub.add_parser("list", help="list experiments, architectures, activations, optimizers, "
+                   "datasets")
+    return p
+
+
+def default_run_dir(config_path: str, preset: str | None) -> str:
+    stem = os.path.splitext(os.path.basename(config_path))[0]
+    return os.path.join("runs", stem + (f"-{preset}" if preset else ""))
+
+
+def _cmd_run(args) -> int:
+    from ntkexp import config as C
+    from ntkexp.experiments import run
+
+    cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
+    out = args.out or default_run_dir(args.config, args.preset)
+    res = run(cfg, out, force=args.force, quiet=args.quiet)
+    print(f"run folder: {res.run_dir}")
+    print(f"figure: {res.main_figure}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from ntkexp import config as C
+
+    cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
+    units = len(cfg.model.widths) * len(cfg.train.learning_rates) * cfg.train.inits
+    print(f"{args.config}: ok (experiment {cfg.experiment}, widths "
+          f"{list(cfg.model.widths)}, {cfg.train.inits} init(s), {units} unit(s))")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from ntkexp.plotting import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from ntkexp.activations import ACTIVATIONS
+    from ntkexp.data import DATASETS, TARGETS
+    from ntkexp.experiments import EXPERIMENTS
+    from ntkexp.models import ARCHITECTURES
+
+    try:
+        from ntkexp.optim import OPTIMIZERS
+
+        optimizers = OPTIMIZERS.names()
+    except ImportError:
+        optimizers = ["gd"]
+    for title, names in (("experiments", EXPERIMENTS.names()),
+                         ("architectures", ARCHITECTURES.names()),
+                         ("activations", ACTIVATIONS.names()),
+                         ("optimizers", optimizers),
+                         ("datasets", DATASETS.names()),
+                         ("targets", TARGETS.names())):
+        print(f"{title}: {', '.join(names)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ntkexp`` console script; returns the exit status."""
+    from ntkexp.config import ConfigError
+    from ntkexp.data import DataError
+    from ntkexp.experiments.base import UserError
+    from ntkexp.registry import RegistryError
+
+    try:
+        args = _parser().parse_args(argv)
+        cmd = {"run": _cmd_run, "plot": _cmd_plot, "validate": _cmd_validate,
+               "list": _cmd_list}[args.cmd]
+        return cmd(args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if not isinstance(e.code, str) else USAGE_ERROR
+    except (_OneLineError, ConfigError, UserError, DataError, RegistryError) as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"ntkexp: error: {msg}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("ntkexp: interrupted (finished units are kept; rerun to complete)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""YAML configs parsed into frozen, typed records at load time.
+
+A config file looks like::
+
+    experiment: jacot_fig1          # a name in ntkexp.experiments.EXPERIMENTS
+    seed: 0
+    dtype: float32                  # float32 | float64 (float64 enables jax x64)
+    device: auto                    # auto | cpu | gpu
+    plugins: [my_module]            # imported first; may register new names
+    model: {arch: mlp, depth: 3, width: [500, 10000], activation: relu,
+            W_std: 1.0, b_std: 0.1, parameterization: ntk}
+    data: {name: gaussian, n_train: 100, dim: 2, target: product}
+    train: {optimizer: gd, learning_rate: 1.0, steps: 200, inits: 10}
+    params: {...}                   # the experiment's own section (its Params class)
+    presets:
+      cpu: {model.width: [500, 2000]}   # dotted overrides, applied by --preset cpu
+
+A list where a field allows one (``model.width``, ``train.learning_rate``) is a
+sweep. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError`, one line naming the file and the key path, with a
+did-you-mean for misspelt keys. The schema layer (:func:`from_dict`) is generic
+over dataclasses: field types come from the annotations, bounds from
+``field(metadata={"min": ..., "max": ..., "min_exclusive": ...})``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import yaml
+
+from ntkexp.registry import RegistryError
+
+
+class ConfigError(ValueError):
+    """A user error in a config: one readable line naming the file and key path."""
+
+
+# --------------------------------------------------------------------------
+# Generic typed-schema layer over dataclasses
+# --------------------------------------------------------------------------
+
+
+def _where(source: str, path: str) -> str:
+    loc = f"{source}: " if source else ""
+    return f"{loc}{path}" if path else f"{loc}(top level)"
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Mapping):
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_bounds(value, meta: Mapping, where: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if "min" in meta and v < meta["min"]:
+            raise ConfigError(f"{where}: must be >= {meta['min']}, got {v!r}")
+        if "min_exclusive" in meta and v <= meta["min_exclusive"]:
+            raise ConfigError(f"{where}: must be > {meta['min_exclusive']}, got {v!r}")
+        if "max" in meta and v > meta["max"]:
+            raise ConfigError(f"{where}: must be <= {meta['max']}, got {v!r}")
+    if meta.get("nonempty") and isinstance(value, tuple) and not value:
+        raise ConfigError(f"{where}: must not be an empty list")
+
+
+def _convert(value, tp, where: str):
+    """Check ``value`` against the annotation ``tp``; return the frozen value."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return _freeze(value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        # try the non-list alternatives first so that "5" stays a scalar
+        errors = []
+        for a in sorted(args, key=lambda a: typing.get_origin(a) in (tuple, list)):
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and not isinstance(value, bool):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, "
+                          f"got {value!r}{hint}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = args[0] if args else Any
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        vt = args[1] if len(args) == 2 else Any
+        return types.MappingProxyType(
+            {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()})
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path=where.split(": ", 1)[-1] if ": " in where else where,
+                         source=where.split(": ", 1)[0] if ": " in where else "")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"config schema: unsupported annotation {tp!r} at {where}")
+
+
+def _freeze(value):
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def from_dict(cls, data, *, path: str = "", source: str = ""):
+    """Build the frozen dataclass ``cls`` from a plain mapping, checking everything.
+
+    Args:
+      cls: a (frozen) dataclass whose field annotations give the schema.
+      data: the mapping read from YAML (None means empty).
+      path: dotted key path of ``data`` inside the file (for messages).
+      source: the file name (for messages).
+
+    Raises:
+      ConfigError: unknown or missing keys, wrong types, values out of bounds.
+    """
+    where = _where(source, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(fields)
+            raise ConfigError(f"{_where(source, _join(path, key))}: unknown key{hint}; "
+                              f"known keys: {known}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = _join(path, name)
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _where(source, sub))
+            _check_bounds(kwargs[name], f.metadata, _where(source, sub))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_where(source, sub)}: missing required key")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(f"{_where(source, _join(path, msg.split(':', 1)[0]))}:"
+                              f"{msg.split(':', 1)[1]}") from None
+    return obj
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def to_dict(obj) -> Any:
+    """Plain (YAML-safe) data from a config record, inverse of :func:`from_dict`."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _bad(key: str, msg: str) -> ConfigError:
+    """An error raised by a ``check()`` method: ``key: message`` (path added by caller)."""
+    return ConfigError(f"{key}: {msg}")
+
+
+def _pos(**extra):
+    return dataclasses.field(metadata=dict(extra))
+
+
+# --------------------------------------------------------------------------
+# The sections
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Network section. ``width`` may be a list: a sweep over widths."""
+
+    arch: str = "mlp"
+    depth: int = dataclasses.field(default=3, metadata={"min": 0})
+    width: int | tuple[int, ...] = dataclasses.field(default=512,
+                                                     metadata={"min": 1, "nonempty": True})
+    activation: str = "relu"
+    activation_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    W_std: float = dataclasses.field(default=1.0, metadata={"min": 0})
+    b_std: float = dataclasses.field(default=0.0, metadata={"min": 0})
+    parameterization: Literal["ntk", "standard"] = "ntk"
+    out_dim: int = dataclasses.field(default=1, metadata={"min": 1})
+
+    def check(self):
+        from ntkexp.activations import ACTIVATIONS
+        from ntkexp.models import ARCHITECTURES
+
+        for key, reg, name in (("arch", ARCHITECTURES, self.arch),
+                               ("activation", ACTIVATIONS, self.activation)):
+            try:
+                reg.get(name)
+            except RegistryError as e:
+                raise _bad(key, str(e)) from None
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The swept widths (a 1-tuple when ``width`` is one number)."""
+        return self.width if isinstance(self.width, tuple) else (self.width,)
+
+    def spec(self, width: int):
+        """The architecture's frozen spec (e.g. ``MLPSpec``) at one ``width``."""
+        from ntkexp.models import ARCHITECTURES
+
+        import inspect
+
+        arch = ARCHITECTURES.get(self.arch)
+        kw = dict(depth=self.depth, width=int(width), activation=self.activation,
+                  W_std=self.W_std, b_std=self.b_std, parameterization=self.parameterization,
+                  out_dim=self.out_dim, activation_params=dict(self.activation_params))
+        try:  # pass only the fields this architecture's spec knows
+            names = inspect.signature(arch.make_spec).parameters
+            if not any(p.kind == p.VAR_KEYWORD for p in names.values()):
+                kw = {k: v for k, v in kw.items() if k in names}
+        except (TypeError, ValueError):
+            pass
+        return arch.make_spec(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Dataset section; ``name`` is a key of ``ntkexp.data.DATASETS``.
+
+    ``seed`` None means "derive from the top-level seed". ``angles`` (radians)
+    places points on the unit circle for the ``circle`` dataset. ``path`` is the
+    ``.npz`` file of the ``npz`` dataset.
+    """
+
+    name: str = "gaussian"
+    n_train: int = dataclasses.field(default=100, metadata={"min": 1})
+    n_test: int = dataclasses.field(default=0, metadata={"min": 0})
+    dim: int = dataclasses.field(default=2, metadata={"min": 1})
+    target: str = "product"
+    noise: float = dataclasses.field(default=0.0, metadata={"min": 0})
+    seed: int | None = None
+    angles: tuple[float, ...] | None = None
+    path: str | None = None
+    classes: tuple[int, ...] | None = None
+
+    def check(self):
+        from ntkexp.data import DATASETS, TARGETS
+
+        for key, reg, name in (("name", DATASETS, self.name), ("target", TARGETS, self.target)):
+            try:
+                reg.get(name)
+            except RegistryError as e:
+                raise _bad(key, str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training section. ``learning_rate`` may be a list (a sweep); ``inits`` is
+    the number of independent initialisations (seeds) per width."""
+
+    optimizer: str = "gd"
+    optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    learning_rate: float | tuple[float, ...] = dataclasses.field(
+        default=1.0, metadata={"min_exclusive": 0.0, "nonempty": True})
+    steps: int = dataclasses.field(default=100, metadata={"min": 0})
+    inits: int = dataclasses.field(default=1, metadata={"min": 1})
+    batch_size: int | None = dataclasses.field(default=None, metadata={"min": 1})
+    loss_reduction: Literal["mean", "sum"] = "mean"
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        lr = self.learning_rate
+        return lr if isinstance(lr, tuple) else (lr,)
+
+    def check(self):
+        try:
+            from ntkexp.optim import OPTIMIZERS
+        except ImportError:  # optim.py not there yet: only full-batch gd is available
+            if self.optimizer != "gd":
+                raise _bad("optimizer", f"unknown optimizer {self.optimizer!r}; known: gd") \
+                    from None
+            return
+        try:
+            OPTIMIZERS.get(self.optimizer)
+        except RegistryError as e:
+            raise _bad("optimizer", str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole, resolved config (presets and overrides already applied).
+
+    Attributes:
+      experiment: name in ``ntkexp.experiments.EXPERIMENTS``.
+      params: the experiment's own section, an instance of its ``Params`` class.
+      source: the file it came from (not part of the config proper).
+      preset: the preset that was applied, or None.
+    """
+
+    experiment: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    params: Any
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    plugins: tuple[str, ...] = ()
+    description: str = ""
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    source: str = ""
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain data (what ``config.yaml`` of a run holds)."""
+        d = to_dict(self)
+        for k in ("presets", "source", "preset"):
+            d.pop(k)
+        return d
+
+
+_TOP_KEYS = ("experiment", "seed", "dtype", "device", "plugins", "description", "model",
+             "data", "train", "params", "presets")
+
+
+# --------------------------------------------------------------------------
+# Loading, presets, overrides
+# --------------------------------------------------------------------------
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML mapping; missing file / malformed YAML -> :class:`ConfigError`."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder, not a config file")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{line}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"model.width=1024"`` -> ``("model.width", 1024)``; values are YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.width=1024")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: cannot parse value {raw!r} as YAML") from None
+    return key, value
+
+
+def apply_override(data: dict, key: str, value, *, origin: str = "--set") -> None:
+    """Set the dotted ``key`` in the nested dict ``data`` (in place)."""
+    parts = key.split(".")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{origin} {key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def import_plugins(names: Sequence[str], source: str = "") -> None:
+    """Import the user's plugin modules (they register names in the registries)."""
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ConfigError(f"{_where(source, f'plugins[{i}]')}: expected a module name, "
+                              f"got {name!r}")
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"{_where(source, f'plugins[{i}]')}: cannot import plugin "
+                              f"{name!r}: {e}") from None
+
+
+def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
+            overrides: Sequence[str | tuple[str, Any]] = ()) -> RunConfig:
+    """Apply ``preset`` then ``overrides`` to raw config ``data`` and validate it.
+
+    Args:
+      data: the mapping read from a config file.
+      source: the file name, for messages.
+      preset: a name in ``data["presets"]`` or None.
+      overrides: ``"a.b=value"`` strings (or ``(key, value)`` pairs), applied last.
+
+    Returns:
+      The frozen :class:`RunConfig`.
+    """
+    import copy
+
+    from ntkexp.experiments import EXPERIMENTS
+
+    data = copy.deepcopy(dict(data))
+    for key in data:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{_where(source, str(key))}: unknown key{hint}; known keys: "
+                              f"{', '.join(_TOP_KEYS)}")
+    presets = data.get("presets") or {}
+    if not isinstance(presets, dict) or any(not isinstance(v, dict) for v in presets.values()):
+        raise ConfigError(f"{_where(source, 'presets')}: expected a mapping of preset name "
+                          "to {dotted.key: value}")
+    if preset is not None:
+        if preset not in presets:
+            close = difflib.get_close_matches(preset, list(presets), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(presets) or "(none)"
+            raise ConfigError(f"{source or 'config'}: unknown preset {preset!r}{hint}; "
+                              f"known: {known}")
+        for k, v in presets[preset].items():
+            apply_override(data, str(k), copy.deepcopy(v), origin=f"preset {preset}:")
+    for ov in overrides:
+        k, v = parse_override(ov) if isinstance(ov, str) else ov
+        apply_override(data, k, v)
+    for key in data:  # an override may have introduced a misspelt top-level key
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{_where(source, str(key))}: unknown key{hint}")
+
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError(f"{_where(source, 'plugins')}: expected a list of module names")
+    import_plugins(plugins, source)
+
+    if "experiment" not in data:
+        raise ConfigError(f"{_where(source, 'experiment')}: missing required key (one of: "
+                          f"{', '.join(EXPERIMENTS.names())})")
+    name = data["experiment"]
+    if not isinstance(name, str):
+        raise ConfigError(f"{_where(source, 'experiment')}: expected a string, got {name!r}")
+    try:
+        exp = EXPERIMENTS.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"{_where(source, 'experiment')}: {e}") from None
+
+    sections = {}
+    for key, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+                     ("params", exp.params)):
+        sections[key] = from_dict(cls, data.get(key), path=key, source=source)
+    top = {k: v for k, v in data.items() if k not in ("model", "data", "train", "params")}
+    top.pop("experiment")
+    # reuse the schema layer for the scalar top-level keys
+    scalars = from_dict(_TopLevel, top, source=source)
+    cfg = RunConfig(experiment=name, **sections, seed=scalars.seed, dtype=scalars.dtype,
+                    device=scalars.device, plugins=scalars.plugins,
+                    description=scalars.description, presets=scalars.presets,
+                    source=source, preset=preset)
+    check = getattr(exp, "check", None)
+    if check is not None:
+        try:
+            check(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{source + ': ' if source else ''}{e}") from None
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopLevel:
+    seed: int = dataclasses.field(default=0, metadata={"min": 0})
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    plugins: tuple[str, ...] = ()
+    description: str = ""
+    presets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def load(path: str, *, preset: str | None = None,
+         overrides: Sequence[str | tuple[str, Any]] = ()) -> RunConfig:
+    """Read, merge and validate the config file at ``path`` (see :func:`resolve`)."""
+    return resolve(read_yaml(path), source=path, preset=preset, overrides=overrides)

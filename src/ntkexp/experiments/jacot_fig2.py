@@ -1,0 +1,169 @@
+"""Jacot, Gabriel & Hongler (2018), Figure 2: networks trained to convergence
+follow the limiting Gaussian distribution of the NTK regime.
+
+Each unit trains one initialisation at one width on the few points of ``data``
+(the paper: 4 points on the unit circle; positions and targets are not stated,
+the config documents our choice) for ``train.steps`` GD steps and records the
+trained function ``f(cos g, sin g)`` on ``params.n_gamma`` angles in [-pi, pi].
+
+The reference is the limiting Gaussian (Jacot et al. 2018, section 5): with
+``Theta`` the limiting NTK, ``Sigma`` the limiting NNGP, ``K = Theta(X, X)``
+and ``kappa_x = Theta(X, x)``,
+
+    mean(x) = kappa_x^T K^-1 y
+    var(x)  = Sigma(x, x) - 2 kappa_x^T K^-1 Sigma(X, x)
+              + kappa_x^T K^-1 Sigma(X, X) K^-1 kappa_x
+
+and P10 / P50 / P90 = mean -/+ 1.2816 sd. We also store the same Gaussian at
+the finite training time (linearised discrete GD: ``K^-1`` replaced by
+``K^-1 (I - (I - lr K / N)^steps)`` for the mean loss), to show that
+``train.steps`` is long enough for the t = infinity curves to apply.
+
+results.npz: ``f_trained``/``f_init`` ``(W, 1, K, G)``, ``loss``,
+``limit_gammas (G,)``, ``limit_mean``, ``limit_sd``, ``limit_mean_t``,
+``limit_sd_t`` ``(G,)``, ``limit_x_train``, ``limit_y_train``.
+
+summary.json headline numbers, per width:
+
+* ``frac_in_band``: fraction of (trained curve, angle) pairs inside [P10, P90]
+  of the limit (0.8 if the trained functions follow the limiting Gaussian);
+* ``mean_gap``: rms over g of (mean of the trained curves - limit mean),
+  relative to the rms of the limit mean;
+* ``sd_ratio``: rms over g of the sd across trained curves / rms of the limit sd;
+* ``final_loss``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from ntkexp.experiments.base import Experiment, register_experiment
+from ntkexp.experiments.common import (
+    build_network,
+    check_common,
+    circle_grid,
+    rms,
+    train_unit,
+)
+
+Z90 = 1.2815515655446004  # the 90% quantile of N(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """``params:`` section of ``jacot_fig2``.
+
+    Attributes:
+      n_gamma: number of angles on [-pi, pi] where the functions are evaluated.
+    """
+
+    n_gamma: int = dataclasses.field(default=181, metadata={"min": 3})
+
+
+def compute_unit(cfg, data, unit, progress):
+    dtype = data.x_train.dtype
+    apply_fn, params = build_network(cfg, unit, data.x_train.shape[1], dtype)
+    _, xs = circle_grid(cfg.params.n_gamma, dtype)
+    f0 = apply_fn(params, xs)[:, 0]
+    res = train_unit(cfg, apply_fn, params, data.x_train, data.y_train, unit, progress)
+    ft = apply_fn(res.params, xs)[:, 0]
+    return {"f_init": f0, "f_trained": ft, "loss": res.losses}
+
+
+def limiting_gaussian(k_xx, k_tx, s_xx, s_tx, s_tt_diag, y, *, shrink=None):
+    """Mean and sd of the NTK-regime function at test points (Jacot et al. 2018, sec. 5).
+
+    Args:
+      k_xx: ``(N, N)`` NTK on the training inputs.
+      k_tx: ``(G, N)`` NTK between test and training inputs.
+      s_xx: ``(N, N)`` NNGP on the training inputs.
+      s_tx: ``(G, N)`` NNGP between test and training inputs.
+      s_tt_diag: ``(G,)`` NNGP variance at the test inputs.
+      y: ``(N,)`` targets.
+      shrink: None for t = infinity; else ``(N,)`` -> ``(N,)`` function ``h(lam)``
+        giving the spectral filter ``K^-1 -> V diag(h(lam) / lam) V^T`` at finite time.
+
+    Returns:
+      ``(mean (G,), sd (G,))``.
+    """
+    lam, V = np.linalg.eigh(np.asarray(k_xx, np.float64))
+    h = np.ones_like(lam) if shrink is None else shrink(lam)
+    M = (V * (h / lam)) @ V.T                       # K^-1 (I - E_t)
+    A = np.asarray(k_tx, np.float64) @ M            # (G, N)
+    mean = A @ np.asarray(y, np.float64)
+    s_tx = np.asarray(s_tx, np.float64)
+    var = (np.asarray(s_tt_diag, np.float64) - 2 * np.sum(A * s_tx, axis=1)
+           + np.sum((A @ np.asarray(s_xx, np.float64)) * A, axis=1))
+    return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+def reference(cfg, data):
+    from ntkexp.kernels import analytic_kernel
+
+    dtype = data.x_train.dtype
+    g, xs = circle_grid(cfg.params.n_gamma, dtype)
+    spec = cfg.model.spec(cfg.model.widths[0])
+    X, y = data.x_train, np.asarray(data.y_train[:, 0])
+    kxx = analytic_kernel(spec, X)
+    ktx = analytic_kernel(spec, xs, X)
+    s_tt = np.diag(np.asarray(analytic_kernel(spec, xs).nngp))
+    args = (kxx.ntk, ktx.ntk, kxx.nngp, ktx.nngp, s_tt, y)
+    mean, sd = limiting_gaussian(*args)
+    n, lr, steps = X.shape[0], cfg.train.learning_rates[0], cfg.train.steps
+    div = n if cfg.train.loss_reduction == "mean" else 1
+    mean_t, sd_t = limiting_gaussian(
+        *args, shrink=lambda lam: 1.0 - (1.0 - lr * lam / div) ** steps)
+    return {"gammas": g, "mean": mean, "sd": sd, "mean_t": mean_t, "sd_t": sd_t,
+            "x_train": X, "y_train": y}
+
+
+def summarize(cfg, results):
+    mu = np.asarray(results["limit_mean"], np.float64)
+    sd = np.asarray(results["limit_sd"], np.float64)
+    lo, hi = mu - Z90 * sd, mu + Z90 * sd
+    per_width, rows = {}, []
+    for wi, w in enumerate(results["widths"]):
+        f = np.asarray(results["f_trained"][wi, 0], np.float64)   # (K, G)
+        loss = np.asarray(results["loss"][wi, 0], np.float64)
+        inside = (f >= lo) & (f <= hi)
+        K = f.shape[0]
+        per_width[str(int(w))] = {
+            "width": int(w),
+            "inits": K,
+            "frac_in_band": float(inside.mean()),
+            "mean_gap": float(rms(f.mean(0) - mu) / rms(mu)),
+            "sd_ratio": float(rms(f.std(0, ddof=1)) / rms(sd)) if K > 1 else None,
+            "final_loss": float(loss[:, -1].mean()),
+        }
+        for k in range(K):
+            rows.append({"width": int(w), "init": k, "frac_in_band": float(inside[k].mean()),
+                         "loss_final": float(loss[k, -1])})
+    summary = {
+        "experiment": "jacot_fig2",
+        "t": cfg.train.steps * cfg.train.learning_rates[0],
+        "limit_rms_mean": float(rms(mu)),
+        "limit_rms_sd": float(rms(sd)),
+        "finite_time_gap": float(np.max(np.abs(np.asarray(results["limit_mean_t"]) - mu))
+                                 / rms(mu)),
+        "per_width": per_width,
+        "expected_frac_in_band": 0.8,
+    }
+    return summary, rows
+
+
+def plot(results, summary, cfg_dict, fig_dir):
+    from ntkexp.plotting import jacot_fig2_figure
+
+    return jacot_fig2_figure(results, summary, cfg_dict, fig_dir)
+
+
+def check(cfg):
+    check_common(cfg, "jacot_fig2")
+
+
+EXPERIMENT = register_experiment(Experiment(
+    name="jacot_fig2", params=Params, compute_unit=compute_unit, reference=reference,
+    summarize=summarize, plot=plot, check=check, main_figure="jacot_fig2"))

@@ -1,0 +1,147 @@
+"""Figures drawn from saved run outputs only (``results.npz``, ``summary.json``,
+``config.yaml``), so ``ntkexp plot RUN_DIR`` redraws without recomputing.
+
+Matplotlib runs on the non-interactive Agg backend. Each figure is saved as
+``figures/<name>.png`` and ``.pdf``, each file written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ntkexp import io  # noqa: E402
+
+Z90 = 1.2815515655446004
+_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+
+
+def save_figure(fig, fig_dir: str, name: str, *, dpi: int = 150) -> list[str]:
+    """Save ``fig`` as ``fig_dir/name.png`` and ``.pdf`` (atomically); close it."""
+    os.makedirs(fig_dir, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = os.path.join(fig_dir, f"{name}.{ext}")
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def plot_run(run_dir: str, *, require_complete: bool = True) -> list[str]:
+    """Redraw every figure of the run in ``run_dir`` from its saved files.
+
+    Args:
+      run_dir: a folder written by ``ntkexp run``.
+      require_complete: also require ``meta.json`` (written last by a finished run).
+
+    Returns:
+      The paths of the figure files written under ``run_dir/figures``.
+
+    Raises:
+      UserError: the folder is missing or holds no finished run.
+    """
+    import yaml
+
+    from ntkexp.config import import_plugins
+    from ntkexp.experiments import EXPERIMENTS, UserError
+    from ntkexp.registry import RegistryError
+
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such run folder")
+    need = ["config.yaml", "results.npz", "summary.json"]
+    if require_complete:
+        need.append("meta.json")
+    missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
+    if missing:
+        raise UserError(f"{run_dir}: not a finished run (missing {', '.join(missing)}); "
+                        "run `ntkexp run` again to complete it")
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        summary = io.read_json(os.path.join(run_dir, "summary.json"))
+        results = io.read_npz(os.path.join(run_dir, "results.npz"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing problem
+        raise UserError(f"{run_dir}: cannot read the saved results ({e})") from None
+    import_plugins(cfg.get("plugins") or [], os.path.join(run_dir, "config.yaml"))
+    try:
+        exp = EXPERIMENTS.get(cfg["experiment"])
+    except RegistryError as e:
+        raise UserError(f"{run_dir}: {e}") from None
+    return list(exp.plot(results, summary, cfg, os.path.join(run_dir, "figures")))
+
+
+def _widths_title(cfg: dict) -> str:
+    m = cfg["model"]
+    return (f"{m['arch']} depth {m['depth']} ({m['activation']}, W_std={m['W_std']:g}, "
+            f"b_std={m['b_std']:g}, {m['parameterization']} param.)")
+
+
+def jacot_fig1_figure(results, summary, cfg, fig_dir) -> list[str]:
+    """Jacot et al. (2018) Fig. 1: Theta(x0, x) over g for each (width, t), with the limit.
+
+    Thin solid lines: the ``K`` initialisations at t = 0; thin dashed: at
+    t = steps x lr; one colour per width; thick black: the analytic limit.
+    """
+    g = np.asarray(results["limit_gammas"])
+    lim = np.asarray(results["limit_ntk"])
+    widths = [int(w) for w in results["widths"]]
+    t = summary["t"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for wi, w in enumerate(widths):
+        c = _COLORS[wi % len(_COLORS)]
+        k0 = np.asarray(results["ntk_init"][wi, 0])
+        kt = np.asarray(results["ntk_trained"][wi, 0])
+        for k in range(k0.shape[0]):
+            ax.plot(g, k0[k], color=c, lw=0.8, alpha=0.7,
+                    label=f"n = {w}, t = 0" if k == 0 else None)
+            ax.plot(g, kt[k], color=c, lw=0.8, alpha=0.7, ls="--",
+                    label=f"n = {w}, t = {t:g}" if k == 0 else None)
+    ax.plot(g, lim, color="k", lw=2.2, label=r"$n \to \infty$ (analytic)")
+    ax.set_xlabel(r"$\gamma$")
+    ax.set_ylabel(r"$\Theta^{(L)}(x_0, x)$,  $x_0=(1,0)$, $x=(\cos\gamma, \sin\gamma)$")
+    ax.set_xlim(-np.pi, np.pi)
+    ax.set_xticks([-np.pi, -np.pi / 2, 0, np.pi / 2, np.pi],
+                  [r"$-\pi$", r"$-\pi/2$", "0", r"$\pi/2$", r"$\pi$"])
+    ax.set_title("NTK at init and after training (Jacot et al. 2018, Fig. 1)\n"
+                 + _widths_title(cfg), fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, fig_dir, "jacot_fig1")
+
+
+def jacot_fig2_figure(results, summary, cfg, fig_dir) -> list[str]:
+    """Jacot et al. (2018) Fig. 2: trained functions on the circle and the limit's
+    P10 / P50 / P90, training points marked."""
+    g = np.asarray(results["limit_gammas"])
+    mu, sd = np.asarray(results["limit_mean"]), np.asarray(results["limit_sd"])
+    widths = [int(w) for w in results["widths"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for wi, w in enumerate(widths):
+        c = _COLORS[wi % len(_COLORS)]
+        f = np.asarray(results["f_trained"][wi, 0])
+        for k in range(f.shape[0]):
+            ax.plot(g, f[k], color=c, lw=0.8, alpha=0.6, label=f"n = {w}" if k == 0 else None)
+    ax.plot(g, mu, color="k", lw=2, label=r"$n\to\infty$: $P_{50}$")
+    ax.plot(g, mu - Z90 * sd, color="k", lw=1.3, ls="--", label=r"$P_{10}$, $P_{90}$")
+    ax.plot(g, mu + Z90 * sd, color="k", lw=1.3, ls="--")
+    xtr = np.asarray(results["limit_x_train"])
+    ytr = np.asarray(results["limit_y_train"])
+    ax.scatter(np.arctan2(xtr[:, 1], xtr[:, 0]), ytr, color="k", zorder=5, s=30,
+               marker="o", label="training points")
+    ax.set_xlabel(r"$\gamma$")
+    ax.set_ylabel(r"$f(\cos\gamma, \sin\gamma)$")
+    ax.set_xlim(-np.pi, np.pi)
+    ax.set_xticks([-np.pi, -np.pi / 2, 0, np.pi / 2, np.pi],
+                  [r"$-\pi$", r"$-\pi/2$", "0", r"$\pi/2$", r"$\pi$"])
+    ax.set_title(f"Trained functions at t = {summary['t']:g} vs the limiting Gaussian "
+                 "(Jacot et al. 2018, Fig. 2)\n" + _widths_title(cfg), fontsize=9)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, fig_dir, "jacot_fig2")
