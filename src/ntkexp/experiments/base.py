@@ -239,6 +239,17 @@ def _versions() -> dict:
 # --------------------------------------------------------------------------
 
 
+def _remove_temporaries(workdir: str) -> None:
+    """Delete temporary files an interrupted run may have left (``.<name>.<rand>.tmp``)."""
+    for folder in (workdir, os.path.join(workdir, "units"), os.path.join(workdir, "figures")):
+        if not os.path.isdir(folder):
+            continue
+        for f in os.listdir(folder):
+            if f.startswith(".") and f.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, f))
+
+
 def stack_units(cfg, units: list[Unit], outs: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Stack unit outputs to arrays of shape ``(n_widths, n_lrs, inits, ...)``."""
     W, L, K = len(cfg.model.widths), len(cfg.train.learning_rates), cfg.train.inits
@@ -288,6 +299,7 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunRe
         for stale in ("meta.json", "summary.json"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(workdir, stale))
+        _remove_temporaries(workdir)
 
         units = make_units(cfg)
         paths = [unit_path(workdir, cfg, u) for u in units]
