@@ -1,0 +1,337 @@
+"""Convolutional networks (1-D and 2-D) in NTK parameterization (Flax NNX).
+
+Architecture (:class:`CNNSpec`), inputs ``x`` of shape ``(n, *image_shape, C_in)``
+(channels last; a flat ``(n, prod(image_shape) * C_in)`` is reshaped, channels
+last, so flat datasets such as the 8x8 sklearn digits work unchanged):
+
+* ``depth`` convolution layers, each ``width`` channels, filter ``q`` (``q x q``
+  in 2-D), stride 1, ``'SAME'`` zero padding (``lax`` convention: ``(q-1)//2``
+  zeros before, the rest after), each followed by the activation ``phi``;
+* a readout ``Dense(out_dim)`` on either
+
+  - ``"vec"``: the flattened last feature map (CNN-V / CNTK-V of Arora et al.
+    2019, the CNN-VEC of Novak et al. 2019), fan-in ``N * C`` with ``N`` the
+    number of positions, or
+  - ``"gap"``: the global average over positions (CNN-GAP / CNTK-GAP), fan-in ``C``.
+
+NTK parameterization (Jacot et al. 2018; Arora et al. 2019, eq. 7 with
+``c_sigma = W_std^2``), all stored parameters ``W, b ~ N(0, 1)``::
+
+    z^h_i = W_std / sqrt(P * C_{h-1}) * sum_{delta, c} W^h_{delta, c, :} a^{h-1}_{i+delta, c}
+            + b_std * b^h                         (P = q^k, k = 1 or 2 spatial dims)
+    a^h   = phi(z^h),   a^0 = x   (zero outside the image: 'SAME' zero padding)
+    f     = W_std / sqrt(F) * r @ W_out + b_std * b_out,
+            r = flatten(a^depth)  (F = N * C)  or  mean_i a^depth_i  (F = C).
+
+``b_std = 0`` means no biases. The padded zeros count in the fan-in ``P * C``,
+exactly as in Arora et al.'s code (``/9`` for every 3x3 patch). The analytic
+infinite-width kernels are in :mod:`ntkexp.kernels.cnn`.
+
+Parameters as a pytree: ``{"convs": {h: {"W": (q, [q,] C_in, C_out), "b": (C_out,)}},
+"readout": {"W": (F, out_dim), "b": (out_dim,)}}`` (``"b"`` absent when
+``b_std == 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ntkexp.activations import Activation, get_activation
+
+Array = jax.Array
+READOUTS = ("gap", "vec")
+
+
+def _check_int(cls: str, name: str, v, *, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{cls}.{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def _check_std(cls: str, name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{cls}.{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _norm_activation_params(params) -> tuple:
+    if isinstance(params, Mapping):
+        params = tuple(sorted(params.items()))
+    return tuple(tuple(p) for p in params)
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNSpec:
+    """A convolutional network, as the analytic and the finite side both see it.
+
+    Attributes:
+      depth: number of convolution layers (>= 0; 0 is a linear readout of x).
+      width: channels of every convolution layer (> 0); ``channels`` is an alias.
+      image_shape: spatial shape of one input, ``(L,)`` for 1-D or ``(H, W)``
+        for 2-D signals (channels are not part of it).
+      filter_size: filter size ``q`` per spatial axis (>= 1).
+      readout: ``"gap"`` (global average pooling) or ``"vec"`` (flatten).
+      activation: registered activation name.
+      W_std: weight multiplier sigma_w (>= 0); ``sqrt(2)`` keeps relu variances.
+      b_std: bias multiplier sigma_b (>= 0; 0 means no bias).
+      out_dim: output dimension (>= 1).
+      activation_params: keyword parameters of the activation factory (stored
+        as a sorted tuple of pairs, so the spec is hashable).
+    """
+
+    depth: int
+    width: int
+    image_shape: tuple = ()
+    filter_size: int = 3
+    readout: str = "gap"
+    activation: str = "relu"
+    W_std: float = 1.0
+    b_std: float = 0.0
+    out_dim: int = 1
+    activation_params: Any = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "activation_params",
+                           _norm_activation_params(self.activation_params))
+        _check_int("CNNSpec", "depth", self.depth, minimum=0)
+        _check_int("CNNSpec", "width", self.width, minimum=1)
+        _check_int("CNNSpec", "filter_size", self.filter_size, minimum=1)
+        _check_int("CNNSpec", "out_dim", self.out_dim, minimum=1)
+        shape = self.image_shape
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if (not isinstance(shape, (tuple, list)) or len(shape) not in (1, 2)
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)):
+            raise ValueError(
+                "CNNSpec.image_shape must be a tuple of 1 or 2 positive integers "
+                f"(the spatial shape, e.g. (8, 8)), got {self.image_shape!r}"
+            )
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
+        if self.readout not in READOUTS:
+            raise ValueError(f"unknown CNN readout {self.readout!r}; known: {', '.join(READOUTS)}")
+        for name in ("W_std", "b_std"):
+            object.__setattr__(self, name, _check_std("CNNSpec", name, getattr(self, name)))
+        self.act  # validates the activation name and its parameters
+
+    @property
+    def act(self) -> Activation:
+        """The :class:`Activation` object for this spec."""
+        return get_activation(self.activation, dict(self.activation_params))
+
+    @property
+    def channels(self) -> int:
+        return self.width
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_std > 0
+
+    @property
+    def n_spatial(self) -> int:
+        """Number of spatial axes k (1 or 2)."""
+        return len(self.image_shape)
+
+    @property
+    def n_positions(self) -> int:
+        """Number of positions N = prod(image_shape)."""
+        return math.prod(self.image_shape)
+
+    @property
+    def patch_size(self) -> int:
+        """P = q^k, the number of positions in one filter window."""
+        return self.filter_size ** self.n_spatial
+
+    @property
+    def pad(self) -> tuple[int, int]:
+        """``(lo, hi)`` zero padding per axis of lax's ``'SAME'`` (stride 1)."""
+        lo = (self.filter_size - 1) // 2
+        return lo, self.filter_size - 1 - lo
+
+    def in_channels(self, in_dim) -> int:
+        """Input channels from ``in_dim``: an int (flat size) or ``(*image_shape, C)``."""
+        if isinstance(in_dim, (tuple, list)):
+            if tuple(in_dim[:-1]) != self.image_shape or len(in_dim) != self.n_spatial + 1:
+                raise ValueError(
+                    f"CNN input shape {tuple(in_dim)} does not match image_shape "
+                    f"{self.image_shape} plus a channel axis"
+                )
+            c = in_dim[-1]
+        else:
+            _check_int("CNN", "in_dim", in_dim, minimum=1)
+            if in_dim % self.n_positions:
+                raise ValueError(
+                    f"flat input dimension {in_dim} is not a multiple of the "
+                    f"{self.n_positions} positions of image_shape {self.image_shape}"
+                )
+            c = in_dim // self.n_positions
+        _check_int("CNN", "input channels", c, minimum=1)
+        return int(c)
+
+    def replace(self, **changes) -> CNNSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def as_images(spec: CNNSpec, x, c_in: int | None = None) -> Array:
+    """Reshape inputs to ``(n, *image_shape, C)``; flat ``(n, N*C)`` is channels last.
+
+    Raises:
+      ValueError: if ``x`` is neither ``(n, *image_shape, C)`` nor ``(n, N * C)``
+        (with ``C == c_in`` when given).
+    """
+    x = jnp.asarray(x)
+    k = spec.n_spatial
+    if x.ndim == k + 2 and tuple(x.shape[1:-1]) == spec.image_shape:
+        out = x
+    elif x.ndim == 2 and x.shape[1] % spec.n_positions == 0:
+        out = x.reshape(x.shape[0], *spec.image_shape, x.shape[1] // spec.n_positions)
+    else:
+        raise ValueError(
+            f"CNN inputs must have shape (n, *{spec.image_shape}, C) or (n, "
+            f"{spec.n_positions} * C) for image_shape {spec.image_shape}, got {tuple(x.shape)}"
+        )
+    if c_in is not None and out.shape[-1] != c_in:
+        raise ValueError(f"CNN inputs have {out.shape[-1]} channels but the parameters expect {c_in}")
+    return out
+
+
+def conv_dimension_numbers(k: int) -> tuple[str, str, str]:
+    """lax dimension numbers for channels-last inputs and ``(q, [q,] I, O)`` filters."""
+    sp = "HW"[:k]
+    return (f"N{sp}C", f"{sp}IO", f"N{sp}C")
+
+
+def conv(spec: CNNSpec, a: Array, W: Array) -> Array:
+    """``W_std / sqrt(P C_in) * conv(W, a)`` with 'SAME' zero padding, stride 1.
+
+    Args:
+      a: ``(n, *image_shape, C_in)``; W: ``(q, [q,] C_in, C_out)``.
+
+    Returns:
+      ``(n, *image_shape, C_out)``.
+    """
+    k = spec.n_spatial
+    c_in = W.shape[-2]
+    z = jax.lax.conv_general_dilated(
+        a, W, window_strides=(1,) * k, padding=(spec.pad,) * k,
+        dimension_numbers=conv_dimension_numbers(k),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return (spec.W_std / math.sqrt(spec.patch_size * c_in)) * z
+
+
+@dataclasses.dataclass(frozen=True)
+class CNNApply:
+    """Pure ``apply_fn(params, x) -> (n, out_dim)`` for a :class:`CNNSpec`.
+
+    Hashable (safe as a static jit argument). ``x`` is ``(n, *image_shape, C)``
+    or flat ``(n, N * C)`` (channels last).
+    """
+
+    spec: CNNSpec
+
+    def __call__(self, params, x: Array) -> Array:
+        spec = self.spec
+        convs = params["convs"]
+        if len(convs) != spec.depth:
+            raise ValueError(f"params have {len(convs)} conv layers but the spec needs {spec.depth}")
+        ro = params["readout"]
+        c_in = convs[0]["W"].shape[-2] if spec.depth else None
+        a = as_images(spec, x, c_in).astype(ro["W"].dtype)
+        act = spec.act
+        for h in range(spec.depth):
+            p = convs[h]
+            z = conv(spec, a, p["W"])
+            if "b" in p:
+                z = z + spec.b_std * p["b"].reshape((1,) * (z.ndim - 1) + (-1,))
+            a = act.fn(z)
+        n = a.shape[0]
+        if spec.readout == "gap":
+            r = jnp.mean(a, axis=tuple(range(1, spec.n_spatial + 1)))
+        else:
+            r = a.reshape(n, -1)
+        if r.shape[1] != ro["W"].shape[0]:
+            raise ValueError(
+                f"readout expects {ro['W'].shape[0]} features but the network gives {r.shape[1]}"
+            )
+        out = (spec.W_std / math.sqrt(r.shape[1])) * (r @ ro["W"])
+        if "b" in ro:
+            out = out + spec.b_std * ro["b"][None, :]
+        return out
+
+
+class _Conv(nnx.Module):
+    def __init__(self, spec: CNNSpec, c_in: int, c_out: int, *, rngs: nnx.Rngs, dtype):
+        shape = (spec.filter_size,) * spec.n_spatial + (c_in, c_out)
+        self.W = nnx.Param(jax.random.normal(rngs.params(), shape, dtype))
+        if spec.has_bias:
+            self.b = nnx.Param(jax.random.normal(rngs.params(), (c_out,), dtype))
+
+
+class _Readout(nnx.Module):
+    def __init__(self, spec: CNNSpec, fan_in: int, *, rngs: nnx.Rngs, dtype):
+        self.W = nnx.Param(jax.random.normal(rngs.params(), (fan_in, spec.out_dim), dtype))
+        if spec.has_bias:
+            self.b = nnx.Param(jax.random.normal(rngs.params(), (spec.out_dim,), dtype))
+
+
+class CNN(nnx.Module):
+    """Flax NNX convolutional network described by a :class:`CNNSpec`.
+
+    Args:
+      spec: the architecture.
+      in_dim: input channels per position as ``(*image_shape, C)``, or the flat
+        input size ``N * C`` (an int).
+      rngs: ``nnx.Rngs``; parameters are drawn from ``rngs.params()``.
+      dtype: parameter dtype (default float32).
+
+    Calling the module maps ``(n, *image_shape, C)`` (or flat) to ``(n, out_dim)``.
+    """
+
+    def __init__(self, spec: CNNSpec, in_dim, *, rngs: nnx.Rngs, dtype=None):
+        if not isinstance(spec, CNNSpec):
+            raise TypeError(f"CNN needs a CNNSpec, got {type(spec).__name__}")
+        dtype = dtype or jnp.float32
+        c = spec.in_channels(in_dim)
+        self.spec = spec
+        layers = []
+        for _ in range(spec.depth):
+            layers.append(_Conv(spec, c, spec.width, rngs=rngs, dtype=dtype))
+            c = spec.width
+        self.convs = nnx.List(layers)
+        fan_in = c * (spec.n_positions if spec.readout == "vec" else 1)
+        self.readout = _Readout(spec, fan_in, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: Array) -> Array:
+        return CNNApply(self.spec)(nnx.to_pure_dict(nnx.state(self, nnx.Param)), x)
+
+
+def init_cnn_params(spec: CNNSpec, in_dim, key: Array, dtype=None):
+    """Draw CNN parameters as a pure pytree (same draw as ``CNN(spec, in_dim, rngs)``)."""
+    model = CNN(spec, in_dim, rngs=nnx.Rngs(params=key), dtype=dtype)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _build_cnn(spec: CNNSpec, in_dim, key, dtype=None):
+    return CNNApply(spec), init_cnn_params(spec, in_dim, key, dtype)
+
+
+def _cnn_analytic(spec: CNNSpec, x1, x2=None):
+    from ntkexp.kernels.cnn import cnn_kernel
+
+    return cnn_kernel(spec, x1, x2)
+
+
+def _register() -> None:
+    from ntkexp.models.registry import ARCHITECTURES, register_architecture
+
+    if "cnn" not in ARCHITECTURES:
+        register_architecture("cnn", make_spec=CNNSpec, analytic=_cnn_analytic)(_build_cnn)
+
+
+_register()

@@ -1,0 +1,182 @@
+"""Residual MLP (ResMLP) in NTK parameterization (Flax NNX).
+
+Architecture (:class:`ResMLPSpec`), pre-activation residual blocks with a
+branch multiplier ``alpha`` (the residual NTK of Huang et al. 2020, "Why do
+deep residual networks generalize better than deep feedforward networks? A
+neural tangent kernel perspective", and of Yang & Schoenholz 2017, with two
+dense layers per branch)::
+
+    h^0     = Dense_in(x)                                        (width n)
+    h^b     = h^{b-1} + alpha * Dense_b2(phi(Dense_b1(phi(h^{b-1}))))   b = 1..depth
+    f(x)    = Dense_out(phi(h^depth))                            (out_dim)
+
+Every Dense is NTK-parameterized: ``z = W_std / sqrt(n_in) * a @ W + b_std * b``
+with ``W, b ~ N(0, 1)`` (``b_std = 0``: no bias). ``depth`` counts residual
+blocks; ``depth = 0`` is exactly the one-hidden-layer MLP ``MLPSpec(depth=1)``.
+The skip path carries no parameters, so the variance grows with depth unless
+``alpha`` shrinks (``alpha = 1/sqrt(depth)`` keeps it bounded; Huang et al.
+use ``alpha = depth^{-gamma}``). The analytic kernel is in
+:mod:`ntkexp.kernels.resmlp`.
+
+Parameters as a pytree: ``{"inp": {"W": (d, n), "b": (n,)}, "blocks": {b: {"l1":
+{...}, "l2": {...}}}, "out": {"W": (n, out_dim), "b": (out_dim,)}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ntkexp.activations import Activation, get_activation
+from ntkexp.models.cnn import _check_int, _check_std, _norm_activation_params
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMLPSpec:
+    """A residual MLP, as the analytic and the finite side both see it.
+
+    Attributes:
+      depth: number of residual blocks (>= 0).
+      width: hidden width n (> 0).
+      alpha: branch multiplier (finite, >= 0).
+      activation: registered activation name.
+      W_std: weight multiplier sigma_w (>= 0).
+      b_std: bias multiplier sigma_b (>= 0; 0 means no bias).
+      out_dim: output dimension (>= 1).
+      activation_params: keyword parameters of the activation factory.
+    """
+
+    depth: int
+    width: int
+    alpha: float = 1.0
+    activation: str = "relu"
+    W_std: float = 1.0
+    b_std: float = 0.0
+    out_dim: int = 1
+    activation_params: Any = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "activation_params",
+                           _norm_activation_params(self.activation_params))
+        _check_int("ResMLPSpec", "depth", self.depth, minimum=0)
+        _check_int("ResMLPSpec", "width", self.width, minimum=1)
+        _check_int("ResMLPSpec", "out_dim", self.out_dim, minimum=1)
+        for name in ("alpha", "W_std", "b_std"):
+            object.__setattr__(self, name, _check_std("ResMLPSpec", name, getattr(self, name)))
+        self.act
+
+    @property
+    def act(self) -> Activation:
+        return get_activation(self.activation, dict(self.activation_params))
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_std > 0
+
+    def replace(self, **changes) -> ResMLPSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _dense(spec: ResMLPSpec, p, a: Array) -> Array:
+    z = (spec.W_std / math.sqrt(p["W"].shape[0])) * (a @ p["W"])
+    if "b" in p:
+        z = z + spec.b_std * p["b"][None, :]
+    return z
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMLPApply:
+    """Pure ``apply_fn(params, x) -> (n, out_dim)`` for a :class:`ResMLPSpec` (hashable)."""
+
+    spec: ResMLPSpec
+
+    def __call__(self, params, x: Array) -> Array:
+        spec = self.spec
+        blocks = params["blocks"]
+        if len(blocks) != spec.depth:
+            raise ValueError(f"params have {len(blocks)} residual blocks but the spec needs {spec.depth}")
+        d = params["inp"]["W"].shape[0]
+        x = jnp.asarray(x)
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"inputs must have shape (n, {d}), got {tuple(x.shape)}")
+        phi = spec.act.fn
+        h = _dense(spec, params["inp"], x.astype(params["inp"]["W"].dtype))
+        for b in range(spec.depth):
+            p = blocks[b]
+            h = h + spec.alpha * _dense(spec, p["l2"], phi(_dense(spec, p["l1"], phi(h))))
+        return _dense(spec, params["out"], phi(h))
+
+
+class _Dense(nnx.Module):
+    def __init__(self, n_in: int, n_out: int, bias: bool, *, rngs: nnx.Rngs, dtype):
+        self.W = nnx.Param(jax.random.normal(rngs.params(), (n_in, n_out), dtype))
+        if bias:
+            self.b = nnx.Param(jax.random.normal(rngs.params(), (n_out,), dtype))
+
+
+class _Block(nnx.Module):
+    def __init__(self, n: int, bias: bool, *, rngs: nnx.Rngs, dtype):
+        self.l1 = _Dense(n, n, bias, rngs=rngs, dtype=dtype)
+        self.l2 = _Dense(n, n, bias, rngs=rngs, dtype=dtype)
+
+
+class ResMLP(nnx.Module):
+    """Flax NNX residual MLP described by a :class:`ResMLPSpec`.
+
+    Args:
+      spec: the architecture.
+      in_dim: input dimension d.
+      rngs: ``nnx.Rngs``; parameters are drawn from ``rngs.params()``.
+      dtype: parameter dtype (default float32).
+
+    Calling the module maps ``x: (n, in_dim)`` to ``(n, out_dim)``.
+    """
+
+    def __init__(self, spec: ResMLPSpec, in_dim: int, *, rngs: nnx.Rngs, dtype=None):
+        if not isinstance(spec, ResMLPSpec):
+            raise TypeError(f"ResMLP needs a ResMLPSpec, got {type(spec).__name__}")
+        _check_int("ResMLP", "in_dim", in_dim, minimum=1)
+        dtype = dtype or jnp.float32
+        n, bias = spec.width, spec.has_bias
+        self.spec = spec
+        self.inp = _Dense(in_dim, n, bias, rngs=rngs, dtype=dtype)
+        self.blocks = nnx.List([_Block(n, bias, rngs=rngs, dtype=dtype) for _ in range(spec.depth)])
+        self.out = _Dense(n, spec.out_dim, bias, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: Array) -> Array:
+        return ResMLPApply(self.spec)(nnx.to_pure_dict(nnx.state(self, nnx.Param)), x)
+
+
+def init_resmlp_params(spec: ResMLPSpec, in_dim: int, key: Array, dtype=None):
+    """Draw ResMLP parameters as a pure pytree (same draw as ``ResMLP(spec, in_dim, rngs)``)."""
+    model = ResMLP(spec, in_dim, rngs=nnx.Rngs(params=key), dtype=dtype)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _build_resmlp(spec: ResMLPSpec, in_dim: int, key, dtype=None):
+    return ResMLPApply(spec), init_resmlp_params(spec, in_dim, key, dtype)
+
+
+def _resmlp_analytic(spec: ResMLPSpec, x1, x2=None):
+    from ntkexp.kernels.resmlp import resmlp_kernel
+
+    return resmlp_kernel(spec, x1, x2)
+
+
+def _register() -> None:
+    from ntkexp.models.registry import ARCHITECTURES, register_architecture
+
+    if "resmlp" not in ARCHITECTURES:
+        register_architecture("resmlp", make_spec=ResMLPSpec, analytic=_resmlp_analytic)(
+            _build_resmlp
+        )
+
+
+_register()
