@@ -123,7 +123,7 @@ def gradient_flow(H, u0, y, t, *, learning_rate: float = 1.0, loss_reduction: st
     r0, vec = _as_2d("u0 - y", jnp.asarray(u0) - jnp.asarray(y), H.shape[0])
     lam, V = jnp.linalg.eigh(H)
     t = jnp.asarray(t, H.dtype)
-    decay = jnp.exp(-learning_rate * t[..., None] * lam)  # (..., n)
+    decay = jnp.exp(-learning_rate * t[..., None] * lam.reshape((1,) * t.ndim + lam.shape))
     proj = V.T @ r0  # (n, k)
     r = jnp.einsum("ij,...j,jk->...ik", V, decay, proj)
     u = jnp.asarray(y).reshape(r0.shape) + r
@@ -147,9 +147,9 @@ def gd_residuals(H, r0, steps: int, *, learning_rate: float, loss_reduction: str
     r, vec = _as_2d("r0", r0, H.shape[0])
     lam, V = jnp.linalg.eigh(H)
     k = jnp.arange(steps + 1, dtype=H.dtype)[:, None]
-    base = 1.0 - learning_rate * lam
+    base = (1.0 - learning_rate * lam)[None, :]
     # (1 - eta l)^k with the sign kept for negative bases (eta l > 1)
-    powk = jnp.sign(base) ** k * jnp.abs(base) ** k
+    powk = jnp.sign(base) ** k * jnp.abs(base) ** k  # (steps + 1, n)
     out = jnp.einsum("ij,kj,jl->kil", V, powk, V.T @ r.astype(H.dtype))
     return out[..., 0] if vec else out
 
@@ -191,7 +191,7 @@ def _transfer(Theta: Array, t, steps, learning_rate: float, loss_reduction: str)
         small = learning_rate * scale * t
     safe = jnp.where(lam > 0, lam, 1.0)
     g = jnp.where(lam > 0, (1.0 - decay) / safe, small)
-    return (V * g) @ V.T
+    return (V * g[None, :]) @ V.T
 
 
 def ntk_predict(
@@ -353,7 +353,7 @@ def hidden_preactivations(apply_fn, params, x) -> list[Array] | None:
             w_mult, b_mult = layer_scales(spec, p["W"].shape[0])
             z = w_mult * (a @ p["W"])
             if "b" in p:
-                z = z + b_mult * p["b"]
+                z = z + b_mult * p["b"][None, :]
             zs.append(z)
             a = spec.act.fn(z)
         return zs

@@ -113,19 +113,26 @@ def two_layer_kernel(spec: TwoLayerSpec, x1, x2=None) -> Kernel:
     sym = x2 is None
     x2 = x1 if sym else jnp.asarray(x2)
     dot = x1 @ x2.T
-    n1 = jnp.sqrt(jnp.sum(x1 * x1, axis=1))[:, None]
-    n2 = jnp.sqrt(jnp.sum(x2 * x2, axis=1))[None, :]
+    n1 = _safe_norm(x1)[:, None]
+    n2 = _safe_norm(x2)[None, :]
     s = n1 * n2
     cos = jnp.clip(dot / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
-    th = jnp.arccos(cos)
+    # arccos has an infinite derivative at +-1; use the branch value there (gradient 0)
+    inner = jnp.abs(cos) < 1.0
+    th = jnp.where(inner, jnp.arccos(jnp.where(inner, cos, 0.0)), jnp.where(cos > 0, 0.0, jnp.pi))
+    sin = jnp.sqrt(jnp.where(inner, 1.0 - cos * cos, 1.0)) * inner
     ntk = dot * (jnp.pi - th) / (2 * jnp.pi)
-    nngp = spec.kappa**2 * s * (jnp.sqrt(jnp.clip(1.0 - cos * cos, 0.0)) + (jnp.pi - th) * cos) / (
-        2 * jnp.pi
-    )
+    nngp = spec.kappa**2 * s * (sin + (jnp.pi - th) * cos) / (2 * jnp.pi)
     if sym:
         ntk = 0.5 * (ntk + ntk.T)
         nngp = 0.5 * (nngp + nngp.T)
     return Kernel(nngp, ntk)
+
+
+def _safe_norm(x):
+    sq = jnp.sum(x * x, axis=1)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
 def _build_two_layer(spec: TwoLayerSpec, in_dim: int, key, dtype=None):

@@ -1,0 +1,127 @@
+"""gd / sgd / ngd as optax transformations: update rules against closed forms, composition, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import rel_err
+
+from ntkexp.optim import OPTIMIZERS, gd, ngd, ngd_dual_coefficients, sgd
+
+
+def _linear(k_out=1):
+    def f(p, x):
+        return x @ p["w"] + p["b"][None, :]
+    return f
+
+
+def _params(key, d, k, dtype):
+    k1, k2 = jax.random.split(key)
+    return {"w": jax.random.normal(k1, (d, k), dtype), "b": jax.random.normal(k2, (k,), dtype)}
+
+
+@pytest.mark.parametrize("factory", [gd, sgd])
+def test_gd_update_and_schedule_under_jit(factory, dtype, tol):
+    p = _params(jax.random.key(0), 3, 1, dtype)
+    g = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) * 2, p)
+    sched = optax.exponential_decay(0.5, transition_steps=1, decay_rate=0.5)
+    tx = factory(sched)
+    st = tx.init(p)
+    upd = jax.jit(tx.update)
+    for k in range(3):
+        u, st = upd(g, st, p)
+        np.testing.assert_allclose(u["w"], -2 * 0.5 * 0.5**k, rtol=tol["exact"])
+        assert u["w"].dtype == dtype
+    assert int(st.count) == 3
+
+
+def test_composes_with_optax_chain(dtype, tol):
+    p = _params(jax.random.key(0), 3, 1, dtype)
+    g = jax.tree_util.tree_map(lambda a: 10 * jnp.ones_like(a), p)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), gd(0.1))
+    u, _ = jax.jit(tx.update)(g, tx.init(p), p)
+    norm = np.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree_util.tree_leaves(u)))
+    assert abs(norm - 0.1) < 10 * tol["exact"]
+
+
+def test_ngd_linear_model_interpolates_in_one_step(dtype, tol):
+    """For f = X w + b and eta = 1, one NGD step lands on the min-norm interpolant (P > n)."""
+    n, d = 6, 10
+    x = jax.random.normal(jax.random.key(1), (n, d), dtype)
+    y = jax.random.normal(jax.random.key(2), (n, 1), dtype)
+    f = _linear()
+    p = _params(jax.random.key(3), d, 1, dtype)
+    tx = ngd(1.0, apply_fn=f)
+    r = f(p, x) - y
+    u, _ = jax.jit(tx.update)(None, tx.init(p), p, x=x, residual=r)
+    new = optax.apply_updates(p, u)
+    assert rel_err(f(new, x), y) < 100 * tol["exact"]
+    # independent truth: theta1 = theta0 - A^T (A A^T)^-1 r with A = [X, 1]
+    A = np.hstack([np.asarray(x, np.float64), np.ones((n, 1))])
+    th0 = np.concatenate([np.asarray(p["w"], np.float64)[:, 0], np.asarray(p["b"], np.float64)])
+    th1 = th0 - A.T @ np.linalg.solve(A @ A.T, np.asarray(r, np.float64)[:, 0])
+    got = np.concatenate([np.asarray(new["w"])[:, 0], np.asarray(new["b"])])
+    assert rel_err(got, th1) < 100 * tol["exact"]
+
+
+def test_ngd_damped_multi_output_matches_explicit_jacobian(dtype, tol):
+    """J^T (J J^T + lambda I)^-1 r with an explicit (n k, P) Jacobian of a small tanh net."""
+    n, d, k = 5, 3, 2
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    p = {"w1": jax.random.normal(jax.random.key(4), (d, 7), dtype),
+         "w2": jax.random.normal(jax.random.key(5), (7, k), dtype)}
+    x = jax.random.normal(jax.random.key(6), (n, d), dtype)
+    r = jax.random.normal(jax.random.key(7), (n, k), dtype)
+    lam, eta = 0.3, 0.7
+    tx = ngd(eta, damping=lam, apply_fn=f)
+    u, _ = tx.update(None, tx.init(p), p, x=x, residual=r)
+    flat, unravel = jax.flatten_util.ravel_pytree(p)
+    J = np.asarray(jax.jacobian(lambda t: f(unravel(t), x).reshape(-1))(flat), np.float64)
+    expect = -eta * J.T @ np.linalg.solve(J @ J.T + lam * np.eye(n * k),
+                                          np.asarray(r, np.float64).reshape(-1))
+    got = jax.flatten_util.ravel_pytree(u)[0]
+    assert rel_err(got, expect) < 100 * tol["exact"]
+    alpha = ngd_dual_coefficients(f, p, x, r, damping=lam)
+    assert alpha.shape == (n, k)
+
+
+def test_ngd_apply_fn_extra_argument_and_chain(dtype):
+    f = _linear()
+    p = _params(jax.random.key(0), 4, 1, dtype)
+    x = jax.random.normal(jax.random.key(1), (3, 4), dtype)
+    r = jnp.ones((3, 1), dtype)
+    tx = optax.chain(ngd(0.5), optax.scale(2.0))
+    u, _ = tx.update(None, tx.init(p), p, x=x, residual=r, apply_fn=f)
+    u1, _ = ngd(1.0, apply_fn=f).update(None, ngd(1.0).init(p), p, x=x, residual=r)
+    np.testing.assert_allclose(u["w"], u1["w"], rtol=1e-5)
+    with pytest.raises(ValueError, match="apply_fn"):
+        ngd(0.5).update(None, ngd(0.5).init(p), p, x=x, residual=r)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_learning_rate(bad):
+    for factory in (gd, sgd, ngd):
+        with pytest.raises(ValueError, match="learning_rate"):
+            factory(bad)
+
+
+def test_bad_damping_and_types():
+    with pytest.raises(ValueError, match="damping"):
+        ngd(0.5, damping=-0.1)
+    with pytest.raises(TypeError, match="learning_rate"):
+        gd("fast")
+
+
+def test_registry_builders():
+    assert {"gd", "sgd", "ngd"} <= set(OPTIMIZERS.names())
+    tx = OPTIMIZERS.get("ngd")(learning_rate=0.5, damping=0.1, apply_fn=_linear())
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    assert isinstance(OPTIMIZERS.get("gd")(learning_rate=1.0), optax.GradientTransformation)
+    with pytest.raises(ValueError, match="bad options"):
+        OPTIMIZERS.get("gd")(learning_rate=1.0, momentum=0.9)
+    with pytest.raises(ValueError, match="learning_rate"):
+        OPTIMIZERS.get("sgd")()

@@ -1,0 +1,286 @@
+"""train(): the papers' acceptance checks (NGD rate, GD vs (I - eta H)^k, kernel regression limit),
+vmap over initialisations, recorded diagnostics and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from ntkexp.empirical import empirical_ntk
+from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
+from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
+from ntkexp.optim import gd, ngd, sgd
+from ntkexp.theory import gd_loss_curve, linearize, ntk_predict
+from ntkexp.training import DivergenceError, init_ensemble, train
+
+N, D = 32, 8
+
+
+def _du_gram(x):
+    """H_ij = x_i.x_j (pi - arccos x_i.x_j) / (2 pi) (Du et al. 2019), computed inline in numpy."""
+    x = np.asarray(x, np.float64)
+    g = np.clip(x @ x.T, -1, 1)
+    return g * (np.pi - np.arccos(g)) / (2 * np.pi)
+
+
+def _data(dtype, n=N, d=D, seed=0):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (n, d), jnp.float64)
+    x = (x / jnp.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
+    y = jax.random.normal(ky, (n,), dtype)
+    return x, y
+
+
+def _net(width, dtype, seed=1):
+    spec = TwoLayerSpec(width)
+    return TwoLayerApply(spec), init_two_layer(spec, D, jax.random.key(seed), dtype)
+
+
+# --------------------------------------------------------------------------
+# Acceptance: Zhang et al. 2019 (NGD), Arora et al. 2019 (GD), Jacot et al. 2018 (limit)
+# --------------------------------------------------------------------------
+
+
+def test_ngd_rate_is_one_minus_eta(dtype):
+    """||u(k) - y||^2 <= (1 - eta)^k ||u(0) - y||^2 and per-step ratio ~ (1 - eta)^2 (Thm 3)."""
+    x, y = _data(dtype)
+    f, p = _net(4096, dtype)
+    eta = 0.5
+    res = train(f, p, x, y, optimizer=ngd(eta), steps=10, loss_reduction="sum")
+    L = np.asarray(res.losses, np.float64)
+    k = np.arange(11)
+    assert np.all(L <= 1.01 * (1 - eta) ** k * L[0])
+    ratios = L[1:] / L[:-1]  # finite width (m = 4096) moves J a little: ~0.26-0.28 seen
+    np.testing.assert_allclose(ratios, (1 - eta) ** 2, rtol=0.15)
+    assert abs(np.mean(ratios) / (1 - eta) ** 2 - 1) < 0.1
+
+
+def test_ngd_eta1_beats_gd_at_its_largest_stable_step():
+    dtype = jnp.float64
+    x, y = _data(dtype)
+    f, p = _net(4096, dtype)
+    res = train(f, p, x, y, optimizer=ngd(1.0), steps=3, loss_reduction="sum")
+    L = np.asarray(res.losses)
+    assert L[3] <= 1e-4 * L[0]
+    k_ngd = int(np.argmax(L <= 1e-4 * L[0]))
+    H = _du_gram(x)
+    lam = np.linalg.eigvalsh(H)
+    assert 10 < lam[-1] / lam[0] < 300  # the conditioning that makes GD slow
+    eta_gd = 0.95 * 2 / lam[-1]
+    steps = 10 * k_ngd
+    gres = train(f, p, x, y, optimizer=gd(eta_gd), steps=steps, loss_reduction="sum")
+    G = np.asarray(gres.losses)
+    assert np.all(G[1:] < G[0])  # stable
+    assert np.all(G > 1e-4 * G[0])  # still not there after 10x the steps
+
+
+@pytest.mark.parametrize("width, close", [(16384, True), (64, False)])
+def test_gd_loss_follows_analytic_gram_prediction(width, close):
+    """Loss vs 1/2 ||(I - eta H^inf)^k (u0 - y)||^2 (Arora et al. 2019, Thm 4.1) for 200 steps."""
+    dtype = jnp.float32
+    x, y = _data(dtype)
+    f, p = _net(width, dtype, seed=3)
+    res = train(f, p, x, y, optimizer=gd(0.5), steps=200, loss_reduction="sum")
+    u0 = f(p, x)[:, 0]
+    pred = np.asarray(gd_loss_curve(jnp.asarray(_du_gram(x)), u0.astype(jnp.float64),
+                                    y.astype(jnp.float64), 200, learning_rate=0.5))
+    gap = np.max(np.abs(np.asarray(res.losses, np.float64) - pred)) / pred[0]
+    if close:
+        assert gap < 0.01
+    else:
+        assert gap > 0.05
+
+
+def test_trained_net_matches_infinite_width_mean_given_f0():
+    """After convergence, test outputs ~ f0(x) + H(x, X) H^-1 (y - f0(X)) (Jacot et al. sec. 5)."""
+    dtype = jnp.float64
+    x, y = _data(dtype)
+    xt, _ = _data(dtype, n=20, seed=7)
+    width, eta, steps = 16384, 0.9, 600  # lambda_max(H) = 2.08: eta < 2 / 2.08
+    f, p = _net(width, dtype, seed=5)
+    res = train(f, p, x, y, optimizer=gd(eta), steps=steps, loss_reduction="sum")
+    assert res.losses[-1] < 1e-6 * res.losses[0]
+    Hxx = jnp.asarray(_du_gram(jnp.concatenate([xt, x])))
+    pred = ntk_predict(Hxx[:20, 20:], Hxx[20:, 20:], y, f(p, xt)[:, 0], f(p, x)[:, 0],
+                       steps=steps, learning_rate=eta, loss_reduction="sum")
+    assert rel_err(f(res.params, xt)[:, 0], pred) < 0.05
+
+
+def test_linearised_net_tracks_trained_net_better_as_width_grows():
+    dtype = jnp.float64
+    x, y = _data(dtype)
+    xt, _ = _data(dtype, n=20, seed=7)
+    gaps = []
+    widths = (128, 1024, 8192)
+    for width in widths:
+        keys = jax.random.split(jax.random.key(width), 2)
+        f, ps = init_ensemble(TwoLayerSpec(width), D, keys, dtype)
+        net = train(f, ps, x, y, optimizer=gd(0.9), steps=150, loss_reduction="sum",
+                    ensemble=True)
+        fl, pl = linearize(f, ps)
+        lin = train(fl, pl, x, y, optimizer=gd(0.9), steps=150, loss_reduction="sum",
+                    ensemble=True)
+        a = jax.vmap(f, in_axes=(0, None))(net.params, xt)
+        b = jax.vmap(fl, in_axes=(0, None))(lin.params, xt)
+        gaps.append(rel_err(a, b))
+    print("linearisation gaps", gaps)
+    assert gaps[0] > gaps[1] > gaps[2]
+    slope = np.polyfit(np.log(widths), np.log(gaps), 1)[0]  # O(m^-1/2) expected
+    assert -0.8 < slope < -0.3
+
+
+# --------------------------------------------------------------------------
+# vmap over initialisations
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["gd", "sgd", "ngd"])
+def test_ensemble_equals_separate_runs(opt, dtype, tol):
+    spec = MLPSpec(depth=2, width=32, b_std=0.0)
+    f = MLPApply(spec)
+    x, y = _data(dtype, n=16, d=3)
+    keys = jax.random.split(jax.random.key(0), 10)
+    _, ps = init_ensemble(spec, 3, keys, dtype)
+    kw = dict(steps=10, loss_reduction="mean", key=jax.random.key(9))
+    if opt == "gd":
+        tx = gd(0.5)
+    elif opt == "sgd":
+        tx, kw["batch_size"] = sgd(0.5), 4
+    else:
+        tx = ngd(0.3, damping=1e-3)
+    ens = train(f, ps, x, y, optimizer=tx, ensemble=True, **kw)
+    assert ens.losses.shape == (10, 11)
+    for i in range(10):
+        p_i = init_params(spec, 3, keys[i], dtype)
+        one = train(f, p_i, x, y, optimizer=tx, **kw)
+        assert rel_err(ens.losses[i], one.losses) < 100 * tol["agree"]
+        for a, b in zip(jax.tree_util.tree_leaves(ens.params), jax.tree_util.tree_leaves(one.params),
+                        strict=True):
+            assert rel_err(a[i], b) < 100 * tol["agree"]
+
+
+# --------------------------------------------------------------------------
+# Loss scaling, SGD, masks, records, callback
+# --------------------------------------------------------------------------
+
+
+def test_mean_and_sum_losses_scale_consistently(dtype, tol):
+    """GD on the mean loss with eta * n equals GD on the sum loss with eta (same trajectory)."""
+    x, y = _data(dtype, n=8, d=D)
+    f, p = _net(64, dtype)
+    a = train(f, p, x, y, optimizer=gd(0.4 * 8), steps=5, loss_reduction="mean")
+    b = train(f, p, x, y, optimizer=gd(0.4), steps=5, loss_reduction="sum")
+    assert rel_err(a.losses * 8, b.losses) < 10 * tol["exact"]
+    assert rel_err(a.params["W"], b.params["W"]) < 10 * tol["exact"]
+    assert rel_err(a.losses[0], 0.5 * np.mean((np.asarray(f(p, x))[:, 0] - np.asarray(y)) ** 2)
+                   ) < tol["exact"]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_sgd_converges_to_interpolant_on_consistent_linear_problem(replace):
+    dtype = jnp.float64
+    x = jax.random.normal(jax.random.key(0), (12, 20), dtype) / np.sqrt(20)
+    w_star = jax.random.normal(jax.random.key(1), (20, 1), dtype)
+    f = lambda p, xx: xx @ p["w"]
+    p = {"w": jnp.zeros((20, 1), dtype)}
+    res = train(f, p, x, x @ w_star, optimizer=sgd(1.5), steps=600, batch_size=3,
+                key=jax.random.key(2), replace=replace)
+    assert res.losses[-1] < 1e-6 * res.losses[0]
+    # SGD from 0 stays in the row space of X: the limit is the min-norm interpolant
+    w_mn = np.linalg.pinv(np.asarray(x)) @ np.asarray(x @ w_star)
+    assert rel_err(res.params["w"], w_mn) < 1e-3
+    other = train(f, p, x, x @ w_star, optimizer=sgd(1.5), steps=5, batch_size=3,
+                  key=jax.random.key(3), replace=replace)
+    assert not np.allclose(other.losses, res.losses[:6])
+
+
+def test_trainable_mask_freezes_leaves(dtype):
+    spec = MLPSpec(depth=1, width=16)
+    f = MLPApply(spec)
+    p = init_params(spec, D, jax.random.key(0), dtype)
+    x, y = _data(dtype, n=8)
+    mask = {"layers": {0: True, 1: False}}
+    res = train(f, p, x, y, optimizer=ngd(0.5), steps=3, trainable=mask,
+                record_steps=(0,), probe_x=x[:4])
+    np.testing.assert_array_equal(res.params["layers"][1]["W"], p["layers"][1]["W"])
+    assert not np.allclose(res.params["layers"][0]["W"], p["layers"][0]["W"])
+    # NTK recorded w.r.t. the first layer only
+    f0 = lambda q, xx: f({"layers": {0: q, 1: p["layers"][1]}}, xx)
+    K0 = empirical_ntk(f0, p["layers"][0], x[:4])
+    assert rel_err(res.probe_ntk[0], K0) < 1e-4
+    with pytest.raises(ValueError, match="trainable"):
+        train(f, p, x, y, optimizer=gd(0.1), steps=1, trainable={"layers": {0: False, 1: False}})
+
+
+def test_records_distance_flips_and_width_rate():
+    """Du et al. Fig. 1: flips and max_r ||w_r(k) - w_r(0)|| shrink with m; distance ~ m^-1/2."""
+    dtype = jnp.float64
+    x, y = _data(dtype)
+    widths = (256, 1024, 4096)
+    maxd, flips = [], []
+    for m in widths:
+        f, p = _net(m, dtype, seed=m)
+        res = train(f, p, x, y, optimizer=gd(0.5), steps=60, loss_reduction="sum",
+                    record_steps=(0, 60), probe_x=x[:5])
+        assert res.record_steps == (0, 60)
+        assert float(res.distance[0]) == 0 and float(res.flip_fraction[0]) == 0
+        np.testing.assert_allclose(res.probe_outputs[0], f(p, x[:5]), rtol=1e-12)
+        np.testing.assert_allclose(res.probe_ntk[0], empirical_ntk(f, p, x[:5]), rtol=1e-10)
+        dist = np.linalg.norm(np.asarray(res.params["W"] - p["W"]))
+        np.testing.assert_allclose(res.distance[1], dist, rtol=1e-10)
+        cols = np.linalg.norm(np.asarray(res.params["W"] - p["W"]), axis=0)
+        np.testing.assert_allclose(res.max_weight_distance[1], cols.max(), rtol=1e-10)
+        maxd.append(float(res.max_weight_distance[1]))
+        flips.append(float(res.flip_fraction[1]))
+    slope = np.polyfit(np.log(widths), np.log(maxd), 1)[0]
+    assert -0.65 < slope < -0.35
+    assert flips[0] > flips[-1]
+
+
+def test_callback_chunks_and_ensemble_records(dtype):
+    x, y = _data(dtype, n=8)
+    keys = jax.random.split(jax.random.key(0), 3)
+    f, ps = init_ensemble(TwoLayerSpec(32), D, keys, dtype)
+    seen = []
+    res = train(f, ps, x, y, optimizer=gd(0.5), steps=10, ensemble=True, chunk_size=4,
+                callback=lambda s, L: seen.append((s, L.shape)), record_steps=(0, 5, 10),
+                probe_x=x[:2])
+    assert seen == [(4, (3, 4)), (5, (3, 5)), (8, (3, 8)), (10, (3, 10))]
+    assert res.probe_ntk.shape == (3, 3, 2, 2) and res.distance.shape == (3, 3)
+    full = train(f, ps, x, y, optimizer=gd(0.5), steps=10, ensemble=True)
+    assert rel_err(res.losses, full.losses) < 1e-5
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    x, y = _data(jnp.float32, n=8)
+    f, p = _net(16, jnp.float32)
+    with pytest.raises(ValueError, match="batch_size 9 is larger"):
+        train(f, p, x, y, optimizer=sgd(0.1), steps=1, batch_size=9)
+    with pytest.raises(ValueError, match="x and y disagree"):
+        train(f, p, x, y[:7], optimizer=gd(0.1), steps=1)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        train(f, p, x, y, optimizer=gd(0.1), steps=1, loss_reduction="avg")
+    with pytest.raises(ValueError, match="steps"):
+        train(f, p, x, y, optimizer=gd(0.1), steps=-1)
+    with pytest.raises(ValueError, match="record step 5"):
+        train(f, p, x, y, optimizer=gd(0.1), steps=3, record_steps=(5,))
+    with pytest.raises(ValueError, match="model output"):
+        train(f, p, x, jnp.zeros((8, 2)), optimizer=gd(0.1), steps=1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(f, p, x, y, optimizer=gd(-0.1), steps=1)
+    with pytest.raises(ValueError, match="damping"):
+        train(f, p, x, y, optimizer=ngd(0.1, damping=-1.0), steps=1)
+
+
+def test_divergence_stops_with_step_and_value():
+    x, y = _data(jnp.float32, n=8)
+    f, p = _net(16, jnp.float32)
+    with pytest.raises(DivergenceError, match=r"diverged at step \d+: loss = (inf|nan)"):
+        train(f, p, x, 100 * y, optimizer=gd(1e3), steps=200, loss_reduction="sum",
+              chunk_size=50)
