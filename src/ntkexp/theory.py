@@ -126,7 +126,8 @@ def gradient_flow(H, u0, y, t, *, learning_rate: float = 1.0, loss_reduction: st
     decay = jnp.exp(-learning_rate * t[..., None] * lam.reshape((1,) * t.ndim + lam.shape))
     proj = V.T @ r0  # (n, k)
     r = jnp.einsum("ij,...j,jk->...ik", V, decay, proj)
-    u = jnp.asarray(y).reshape(r0.shape) + r
+    y2 = jnp.asarray(y).reshape(r0.shape).astype(r.dtype)
+    u = y2.reshape((1,) * (r.ndim - 2) + y2.shape) + r
     return u[..., 0] if vec else u
 
 
