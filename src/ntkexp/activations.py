@@ -23,6 +23,7 @@ Users add their own from any module::
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,6 +49,9 @@ class Activation:
       deriv: ``phi'``; defaults to ``jax.grad`` of ``fn`` elementwise.
       homogeneous_degree: k if ``phi(a z) = a^k phi(z)`` for a > 0 (relu: 1),
         else None. Lets kernels factor out input norms exactly.
+      angular: for ``phi(u) = sigma u + delta |u|`` (relu, leaky_relu, abs,
+        identity) an :class:`AngularDual`; the analytic recursion then carries
+        the angle between inputs exactly through the layers. None otherwise.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Activation:
     Tdot: DualMap | None = None
     deriv: Callable[[Array], Array] | None = None
     homogeneous_degree: int | None = None
+    angular: Any = None
 
     def __call__(self, z: Array) -> Array:
         return self.fn(z)
@@ -96,47 +101,183 @@ def get_activation(name: str | Activation, params: Mapping[str, Any] | None = No
 
 
 # --------------------------------------------------------------------------
+# Numerically safe helpers (no NaN in values or gradients at the edges).
+# --------------------------------------------------------------------------
+
+
+def safe_sqrt(x: Array) -> Array:
+    """``sqrt(max(x, 0))`` whose gradient is 0 (not inf/NaN) where ``x <= 0``."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _f_small(t: Array) -> Array:
+    """``sin t - t cos t`` for ``|t| <= 0.5`` by its Taylor series (no cancellation).
+
+    ``sin t - t cos t = sum_{k>=1} (-1)^(k+1) 2k t^(2k+1) / (2k+1)!``; nine terms
+    give full float64 accuracy for ``|t| <= 0.5``.
+    """
+    t2 = t * t
+    acc = jnp.zeros_like(t)
+    for k in range(9, 0, -1):
+        coef = (-1) ** (k + 1) * 2 * k / math.factorial(2 * k + 1)
+        acc = acc * t2 + coef
+    return acc * t2 * t
+
+
+def sin_minus_tcos(t: Array) -> Array:
+    """``f(t) = sin t - t cos t`` on ``[0, pi]``, accurate near 0 (``f ~ t^3/3``)."""
+    small = t < 0.5
+    ts = jnp.where(small, t, 0.0)
+    tl = jnp.where(small, 1.0, t)
+    return jnp.where(small, _f_small(ts), jnp.sin(tl) - tl * jnp.cos(tl))
+
+
+def _h_abs(t: Array) -> Array:
+    """``h(t) = pi - 2 sin t - (pi - 2t) cos t = pi (1 - J_abs(t))`` on ``[0, pi]``.
+
+    Symmetric under ``t -> pi - t``; near 0 it is ``2 pi sin^2(t/2) - 2 f(t)`` with
+    ``f = sin t - t cos t``, a sum of two terms of different orders, so the value
+    is computed without cancellation at both ends.
+    """
+    u = jnp.minimum(t, jnp.pi - t)
+    return 2 * jnp.pi * jnp.sin(u / 2) ** 2 - 2 * sin_minus_tcos(u)
+
+
+def angle_from_gaps(e: Array, f: Array) -> Array:
+    """Angle ``theta in [0, pi]`` from the gaps ``e = s - c >= 0``, ``f = s + c >= 0``.
+
+    ``tan(theta / 2) = sqrt(e / f)``, so ``theta = 2 atan2(sqrt e, sqrt f)`` is exact
+    at both edges (``e -> 0``: collinear; ``f -> 0``: antipodal), unlike
+    ``arccos(c / s)``, which loses half the digits there.
+    """
+    e = jnp.maximum(e, 0.0)
+    f = jnp.maximum(f, 0.0)
+    return 2 * jnp.arctan2(safe_sqrt(e), safe_sqrt(f))
+
+
+def gaps(q1: Array, c: Array, q2: Array) -> tuple[Array, Array, Array]:
+    """``(s, e, f) = (sqrt(q1 q2), s - c, s + c)``, clipped to ``|c| <= s``."""
+    s = safe_sqrt(q1 * q2)
+    return s, jnp.maximum(s - c, 0.0), jnp.maximum(s + c, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AngularDual:
+    """Dual maps of ``phi(u) = sigma u + delta |u|`` (Cho & Saul 2009, arc-cosine kernels).
+
+    ``relu = (1/2, 1/2)``, ``leaky_relu(a) = ((1+a)/2, (1-a)/2)``, ``abs = (0, 1)``,
+    ``identity = (1, 0)``. These are positively homogeneous of degree 1, so with
+    ``s = sqrt(q1 q2)`` and ``theta`` the angle (``cos theta = c / s``)::
+
+        T    = s J(theta),   J(t)    = sigma^2 cos t + delta^2 J_abs(t),
+        Tdot = Jdot(theta),  Jdot(t) = sigma^2 + delta^2 (1 - 2 t / pi),
+
+    with ``J_abs(t) = (2 sin t + (pi - 2t) cos t) / pi`` (the cross term
+    ``E[u |v|]`` vanishes by symmetry; ``E[sign u sign v] = 1 - 2 theta/pi``).
+    ``J(0) = sigma^2 + delta^2``; ``jm = J(0) - J`` and ``jp = J(0) + J`` are
+    written as sums of non-negative terms so the analytic recursion can carry the
+    angle through the layers without cancellation near ``theta = 0`` or ``pi``.
+    """
+
+    sigma: float
+    delta: float
+
+    @property
+    def j0(self) -> float:
+        return self.sigma**2 + self.delta**2
+
+    def J(self, t: Array, tc: Array | None = None) -> Array:
+        """``J(t)``; ``tc = pi - t`` may be passed when known more precisely.
+
+        For ``t > pi/2`` it uses ``J = (delta^2 - sigma^2) cos tc + 2 delta^2 f(tc) / pi``
+        (``f(x) = sin x - x cos x``), exact as ``J -> 0`` for relu at ``t -> pi``.
+        """
+        tc = jnp.pi - t if tc is None else tc
+        lo = t <= jnp.pi / 2
+        tl = jnp.where(lo, t, 0.0)
+        th = jnp.where(lo, 0.0, tc)
+        j_abs = (2 * jnp.sin(tl) + (jnp.pi - 2 * tl) * jnp.cos(tl)) / jnp.pi
+        j_lo = self.sigma**2 * jnp.cos(tl) + self.delta**2 * j_abs
+        j_hi = ((self.delta**2 - self.sigma**2) * jnp.cos(th)
+                + 2 * self.delta**2 * sin_minus_tcos(th) / jnp.pi)
+        return jnp.where(lo, j_lo, j_hi)
+
+    def Jdot(self, t: Array, tc: Array | None = None) -> Array:
+        """``Jdot(t)``; for ``t > pi/2`` written as ``(sigma^2 - delta^2) + 2 delta^2 tc / pi``."""
+        tc = jnp.pi - t if tc is None else tc
+        lo = t <= jnp.pi / 2
+        return jnp.where(lo, self.sigma**2 + self.delta**2 * (jnp.pi - 2 * t) / jnp.pi,
+                         (self.sigma**2 - self.delta**2) + 2 * self.delta**2 * tc / jnp.pi)
+
+    def jm(self, t: Array) -> Array:
+        """``J(0) - J(t) >= 0``, accurate near ``t = 0`` and ``t = pi``."""
+        return self.sigma**2 * 2 * jnp.sin(t / 2) ** 2 + self.delta**2 * _h_abs(t) / jnp.pi
+
+    def jp(self, t: Array) -> Array:
+        """``J(0) + J(t) >= 0``, accurate near ``t = pi``."""
+        j_abs = (2 * jnp.sin(t) + (jnp.pi - 2 * t) * jnp.cos(t)) / jnp.pi
+        return self.sigma**2 * 2 * jnp.cos(t / 2) ** 2 + self.delta**2 * (1 + j_abs)
+
+    def T(self, q1: Array, c: Array, q2: Array) -> Array:
+        s, e, f = gaps(q1, c, q2)
+        return s * self.J(angle_from_gaps(e, f), angle_from_gaps(f, e))
+
+    def Tdot(self, q1: Array, c: Array, q2: Array) -> Array:
+        _, e, f = gaps(q1, c, q2)
+        return self.Jdot(angle_from_gaps(e, f), angle_from_gaps(f, e))
+
+
+def _angular(name: str, fn, deriv, sigma: float, delta: float) -> Activation:
+    ang = AngularDual(float(sigma), float(delta))
+    return Activation(name, fn, T=ang.T, Tdot=ang.Tdot, deriv=deriv,
+                      homogeneous_degree=1, angular=ang)
+
+
+# --------------------------------------------------------------------------
 # Built-in activations. Closed-form dual maps are attached where known.
 # --------------------------------------------------------------------------
 
 
-def _relu_T(q1, c, q2):
-    s = jnp.sqrt(q1 * q2)
-    cos = jnp.clip(c / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
-    th = jnp.arccos(cos)
-    return s * (jnp.sqrt(1.0 - cos * cos) + (jnp.pi - th) * cos) / (2 * jnp.pi)
-
-
-def _relu_Tdot(q1, c, q2):
-    s = jnp.sqrt(q1 * q2)
-    cos = jnp.clip(c / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
-    return (jnp.pi - jnp.arccos(cos)) / (2 * jnp.pi)
-
-
 @register_activation("relu")
 def _relu() -> Activation:
-    return Activation("relu", jax.nn.relu, T=_relu_T, Tdot=_relu_Tdot,
-                      deriv=lambda z: (z > 0).astype(z.dtype), homogeneous_degree=1)
+    """ReLU; arc-cosine kernel of degree 1 (Cho & Saul 2009)."""
+    return _angular("relu", jax.nn.relu, lambda z: (z > 0).astype(z.dtype), 0.5, 0.5)
 
 
 @register_activation("leaky_relu")
 def _leaky_relu(slope: float = 0.01) -> Activation:
-    return Activation(
+    """``max(z, 0) + slope * min(z, 0) = (1+slope)/2 z + (1-slope)/2 |z|``."""
+    a = float(slope)
+    return _angular(
         "leaky_relu",
-        lambda z: jnp.where(z > 0, z, slope * z),
-        deriv=lambda z: jnp.where(z > 0, 1.0, slope).astype(z.dtype),
-        homogeneous_degree=1,
+        lambda z: jnp.where(z > 0, z, a * z),
+        lambda z: jnp.where(z > 0, 1.0, a).astype(z.dtype),
+        (1 + a) / 2, (1 - a) / 2,
     )
 
 
 @register_activation("abs")
 def _abs() -> Activation:
-    return Activation("abs", jnp.abs, deriv=jnp.sign, homogeneous_degree=1)
+    return _angular("abs", jnp.abs, jnp.sign, 0.0, 1.0)
 
 
 @register_activation("identity")
 def _identity() -> Activation:
-    return Activation("identity", lambda z: z, deriv=jnp.ones_like, homogeneous_degree=1)
+    return _angular("identity", lambda z: z, jnp.ones_like, 1.0, 0.0)
+
+
+def _erf_T(q1, c, q2):
+    # Williams 1997: E[erf(u) erf(v)] = (2/pi) asin(2c / sqrt((1+2q1)(1+2q2))),
+    # written as an atan2 with P - 4c^2 = 1 + 2q1 + 2q2 + 4(q1 q2 - c^2) >= 1.
+    p = 1 + 2 * q1 + 2 * q2 + 4 * jnp.maximum(q1 * q2 - c * c, 0.0)
+    return (2 / jnp.pi) * jnp.arctan2(2 * c, jnp.sqrt(p))
+
+
+def _erf_Tdot(q1, c, q2):
+    # d/dc of _erf_T (Price's theorem): (4/pi) / sqrt((1+2q1)(1+2q2) - 4c^2).
+    p = 1 + 2 * q1 + 2 * q2 + 4 * jnp.maximum(q1 * q2 - c * c, 0.0)
+    return (4 / jnp.pi) / jnp.sqrt(p)
 
 
 @register_activation("erf")
@@ -144,24 +285,77 @@ def _erf() -> Activation:
     return Activation(
         "erf",
         jax.scipy.special.erf,
+        T=_erf_T,
+        Tdot=_erf_Tdot,
         deriv=lambda z: 2.0 / jnp.sqrt(jnp.pi).astype(z.dtype) * jnp.exp(-z * z),
     )
+
+
+def _orthant_moments(rho):
+    """For standard ``(X, Y)`` with correlation ``rho`` (``|rho| < 1``):
+    ``P(X>0, Y>0)``, ``E[X^2; X>0, Y>0]`` and ``E[XY; X>0, Y>0]`` (Sheppard; Rosenbaum 1961)."""
+    r = jnp.sqrt(1 - rho * rho)
+    p = 0.25 + jnp.arctan2(rho, r) / (2 * jnp.pi)
+    return p, p + rho * r / (2 * jnp.pi), rho * p + r / (2 * jnp.pi)
+
+
+def _gelu_T(q1, c, q2):
+    """``E[u Phi(u) v Phi(v)]`` in closed form.
+
+    With ``g1, g2 ~ N(0, 1)`` independent, ``Phi(u) Phi(v) = P(a >= 0, b >= 0 | u, v)``
+    for ``a = u - g1``, ``b = v - g2``, so ``T = E[u v; a >= 0, b >= 0]``. Regressing
+    ``(u, v)`` on ``(a, b)`` (covariance ``S = [[1+q1, c], [c, 1+q2]]``) reduces it
+    to Gaussian orthant moments: ``T = Cov(u, v | a, b) P + w_u^T M w_v`` with
+    ``w_u = S^-1 (q1, c)``, ``w_v = S^-1 (c, q2)`` and ``M = E[(a,b)(a,b)^T; orthant]``.
+    ``|corr(a, b)| < 1`` always, so there is no edge singularity.
+    """
+    A, B = 1 + q1, 1 + q2
+    det = A * B - c * c
+    # S^-1 = [[B, -c], [-c, A]] / det
+    wu_a, wu_b = (B * q1 - c * c) / det, (A * c - c * q1) / det
+    wv_a, wv_b = (B * c - c * q2) / det, (A * q2 - c * c) / det
+    cond = c - (q1 * wv_a + c * wv_b)
+    sa, sb = jnp.sqrt(A), jnp.sqrt(B)
+    rho = c / (sa * sb)
+    p, m2, mxy = _orthant_moments(rho)
+    maa, mbb, mab = A * m2, B * m2, sa * sb * mxy
+    quad = wu_a * (maa * wv_a + mab * wv_b) + wu_b * (mab * wv_a + mbb * wv_b)
+    return cond * p + quad
+
+
+def _gelu_Tdot(q1, c, q2):
+    # Price's theorem: E[phi'(u) phi'(v)] = d/dc E[phi(u) phi(v)] (exact autodiff of _gelu_T).
+    _, t = jax.jvp(lambda cc: _gelu_T(q1, cc, q2), (c,), (jnp.ones_like(c),))
+    return t
 
 
 @register_activation("gelu")
 def _gelu() -> Activation:
     # exact (erf-based) GELU: z * Phi(z)
-    return Activation("gelu", lambda z: jax.nn.gelu(z, approximate=False))
+    return Activation("gelu", lambda z: jax.nn.gelu(z, approximate=False), T=_gelu_T,
+                      Tdot=_gelu_Tdot)
+
+
+def _sin_T(q1, c, q2):
+    # E[sin u sin v] = exp(-(q1+q2)/2) sinh(c), written without overflow (c <= (q1+q2)/2).
+    h = (q1 + q2) / 2
+    return (jnp.exp(c - h) - jnp.exp(-c - h)) / 2
+
+
+def _cos_T(q1, c, q2):
+    # E[cos u cos v] = exp(-(q1+q2)/2) cosh(c).
+    h = (q1 + q2) / 2
+    return (jnp.exp(c - h) + jnp.exp(-c - h)) / 2
 
 
 @register_activation("sin")
 def _sin() -> Activation:
-    return Activation("sin", jnp.sin, deriv=jnp.cos)
+    return Activation("sin", jnp.sin, T=_sin_T, Tdot=_cos_T, deriv=jnp.cos)
 
 
 @register_activation("cos")
 def _cos() -> Activation:
-    return Activation("cos", jnp.cos, deriv=lambda z: -jnp.sin(z))
+    return Activation("cos", jnp.cos, T=_cos_T, Tdot=_sin_T, deriv=lambda z: -jnp.sin(z))
 
 
 @register_activation("tanh")
