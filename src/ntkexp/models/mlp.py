@@ -209,7 +209,7 @@ class MLPApply:
             w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
             z = w_mult * (a @ p["W"])
             if "b" in p:
-                z = z + b_mult * p["b"]
+                z = z + b_mult * p["b"][None, :]
             if taps is not None and taps[h] is not None:
                 z = z + taps[h]
             a = act.fn(z) if h < n_layers - 1 else z
