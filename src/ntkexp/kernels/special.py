@@ -1,0 +1,124 @@
+"""The seed's special cases of the infinite-width kernels, as named functions.
+
+Each is the general recursion of :func:`ntkexp.kernels.analytic.analytic_kernel`
+in a particular setting (tested equal to it in ``tests/kernels/test_special.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ntkexp.activations import Activation, get_activation, safe_sqrt
+from ntkexp.kernels.analytic import analytic_kernel
+from ntkexp.kernels.quadrature import gaussian_second_moment
+from ntkexp.models.mlp import MLPSpec
+
+Array = jax.Array
+
+
+def second_moment(activation: str | Activation) -> float:
+    """``E[sigma(z)^2]``, ``z ~ N(0, 1)`` (closed form where known, else quadrature)."""
+    act = get_activation(activation)
+    if act.angular is not None:
+        return float(act.angular.j0)
+    one = jnp.ones((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    if act.has_closed_form:
+        return float(act.T(one, one, one))
+    return float(gaussian_second_moment(act.fn, one[None])[0])
+
+
+def c_sigma(activation: str | Activation) -> float:
+    """Arora et al. (2019)'s normalisation ``c_sigma = 1 / E[sigma(z)^2]`` (relu: 2)."""
+    m = second_moment(activation)
+    if not m > 0:
+        raise ValueError(f"E[sigma(z)^2] must be positive to define c_sigma, got {m}")
+    return 1.0 / m
+
+
+def arora_ntk(x1, x2=None, *, depth: int, activation: str | Activation = "relu") -> Array:
+    """Arora et al. (2019, "On exact computation...", eqs. 4-6) fully connected NTK.
+
+    ``Sigma^0 = x.x'``; for ``h = 1..L``: ``Sigma^h = c_sigma E[sigma(u) sigma(v)]``
+    and ``Sigmadot^h = c_sigma E[sigma'(u) sigma'(v)]`` under
+    ``Lambda^h = [[Sigma^{h-1}(x,x), Sigma^{h-1}(x,x')], [., Sigma^{h-1}(x',x')]]``;
+    ``Theta = sum_{h=1}^{L+1} Sigma^{h-1} prod_{h'=h}^{L+1} Sigmadot^{h'}``
+    (``Sigmadot^{L+1} = 1``), ``c_sigma = 1 / E[sigma(z)^2]``.
+
+    It is the NTK-parameterization recursion with ``W_std^2 = d`` on the first
+    layer and ``W_std^2 = c_sigma`` after, ``b_std = 0``. Since
+    :class:`~ntkexp.models.mlp.MLPSpec` has one ``W_std``, this uses
+    ``W_std^2 = c_sigma`` throughout and pre-scales the inputs by
+    ``sqrt(d / c_sigma)`` (so ``c_sigma <x~, x~'> / d = <x, x'>``).
+
+    Args:
+      x1: ``(n1, d)``; x2: ``(n2, d)`` or None.
+      depth: ``L``, the number of hidden layers (>= 0).
+      activation: registered name or :class:`Activation`.
+
+    Returns:
+      ``Theta`` of shape ``(n1, n2)``.
+    """
+    name = activation.name if isinstance(activation, Activation) else activation
+    cs = c_sigma(activation)
+    spec = MLPSpec(depth=depth, width=1, activation=name, W_std=math.sqrt(cs), b_std=0.0)
+    x1 = jnp.asarray(x1)
+    if x1.ndim != 2:
+        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
+    scale = math.sqrt(x1.shape[1] / cs)
+    x2s = None if x2 is None else jnp.asarray(x2) * scale
+    return analytic_kernel(spec, x1 * scale, x2s).ntk
+
+
+def _arccos(u: Array) -> Array:
+    # arccos(u) = 2 atan2(sqrt(1-u), sqrt(1+u)): exact near u = +-1, finite gradients.
+    u = jnp.clip(u, -1.0, 1.0)
+    return 2 * jnp.arctan2(safe_sqrt(1 - u), safe_sqrt(1 + u))
+
+
+def two_layer_relu_ntk_sphere(u) -> Array:
+    """Bietti & Mairal (2019, eq. 7) two-layer ReLU NTK on the sphere, ``kappa(u)``.
+
+    ``kappa(u) = u kappa0(u) + kappa1(u)`` with ``kappa0(u) = (pi - arccos u) / pi``
+    and ``kappa1(u) = (u (pi - arccos u) + sqrt(1 - u^2)) / pi`` (the arc-cosine
+    kernels of degree 0 and 1, Cho & Saul 2009). For unit-norm ``x, x'`` it is
+    the NTK of ``sqrt(2/m) sum_j v_j relu(w_j.x)`` (both layers trained), i.e.
+    the general recursion with depth 1, ``W_std^2 = 2`` after the first layer,
+    no bias, and ``nngp_1 = <x, x'>``. Elementwise on ``u`` in ``[-1, 1]``.
+    """
+    u = jnp.asarray(u)
+    if not jnp.issubdtype(u.dtype, jnp.floating):
+        u = u.astype(jnp.float32)
+    u = jnp.clip(u, -1.0, 1.0)
+    a = _arccos(u)
+    k0 = (jnp.pi - a) / jnp.pi
+    k1 = (u * (jnp.pi - a) + safe_sqrt((1 - u) * (1 + u))) / jnp.pi
+    return u * k0 + k1
+
+
+def du_gram(x1, x2=None) -> Array:
+    """Du et al. (2019, eq. 3) Gram matrix ``H_ij = x_i.x_j (pi - arccos(x_i.x_j)) / (2 pi)``.
+
+    The first-layer-only NTK of ``f = (1/sqrt m) sum_r a_r relu(w_r.x)`` with
+    ``a_r = +-1`` fixed, ``w_r ~ N(0, I)``:
+    ``H(x, x') = <x, x'> E[1{w.x > 0} 1{w.x' > 0}]``. For unit-norm inputs this is
+    the formula above; for other norms the angle between ``x`` and ``x'`` is used
+    (the same expectation). Computed as ``ntk - nngp`` of the general recursion
+    (depth 1, ``W_std = 1``, no bias, inputs scaled by ``sqrt(d)``), so it has
+    the exact-angle treatment and is exactly symmetric for ``x2=None``.
+
+    Args:
+      x1: ``(n1, d)``; x2: ``(n2, d)`` or None.
+
+    Returns:
+      ``H`` of shape ``(n1, n2)``.
+    """
+    x1 = jnp.asarray(x1)
+    if x1.ndim != 2:
+        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
+    spec = MLPSpec(depth=1, width=1, activation="relu", W_std=1.0, b_std=0.0)
+    s = math.sqrt(x1.shape[1])
+    k = analytic_kernel(spec, x1 * s, None if x2 is None else jnp.asarray(x2) * s)
+    return k.ntk - k.nngp
