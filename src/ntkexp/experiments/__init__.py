@@ -2,10 +2,17 @@
 
 Built in: ``jacot_fig1`` (NTK convergence and stability during training,
 Jacot et al. 2018, Fig. 1) and ``jacot_fig2`` (trained functions against the
-limiting Gaussian, Fig. 2). A plugin module registers more with
+limiting Gaussian, Fig. 2), ``du2019_fig1`` and ``zhang2019_ngd`` (issue 6).
+A plugin module registers more with
 :func:`register_experiment`.
 """
 
+from ntkexp.experiments import (  # noqa: F401  (registration)
+    du2019,
+    jacot_fig1,
+    jacot_fig2,
+    zhang2019,
+)
 from ntkexp.experiments.base import (
     EXPERIMENTS,
     Experiment,
@@ -15,7 +22,6 @@ from ntkexp.experiments.base import (
     register_experiment,
     run,
 )
-from ntkexp.experiments import jacot_fig1, jacot_fig2  # noqa: E402,F401  (registration)
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunResult", "Unit", "UserError",
            "register_experiment", "run"]

@@ -45,14 +45,22 @@ def ntk_row(apply_fn, params, x0, xs):
     return t
 
 
+@functools.lru_cache(maxsize=64)
+def _optimizer(name: str, learning_rate: float, options: tuple):
+    """One optimizer object per setting, so that the training loop's jit cache (keyed
+    on the optimizer) is reused across initialisations instead of recompiling."""
+    from ntkexp.optim import OPTIMIZERS
+
+    return OPTIMIZERS.get(name)(learning_rate=learning_rate, **dict(options))
+
+
 def train_unit(cfg, apply_fn, params, x, y, unit: Unit, progress):
     """Train one network as ``cfg.train`` says; returns ``ntkexp.training.TrainResult``."""
-    from ntkexp.optim import OPTIMIZERS
     from ntkexp.training import train
 
-    make = OPTIMIZERS.get(cfg.train.optimizer)
     try:
-        opt = make(learning_rate=unit.learning_rate, **dict(cfg.train.optimizer_options))
+        opt = _optimizer(cfg.train.optimizer, unit.learning_rate,
+                         tuple(sorted(cfg.train.optimizer_options.items())))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"train.optimizer_options: {e}") from None
     done = [0]

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from ntkexp.experiments.base import Experiment, register_experiment
