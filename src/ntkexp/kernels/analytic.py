@@ -166,7 +166,8 @@ def _kernel(spec, x1, x2, sym, block, exact, degree, nodes):
     if n1 <= block and n2 <= block:
         nngp, ntk = _tile(spec, x1, x2, q1s, q2s, exact, degree, nodes)
         if sym:
-            nngp, ntk = (nngp + nngp.T) / 2, (ntk + ntk.T) / 2
+            # materialise first: a fused recomputation of (j, i) may round differently
+            nngp, ntk = _mirror_upper(nngp), _mirror_upper(ntk)
         return Kernel(nngp, ntk)
     nb1, nb2 = -(-n1 // block), -(-n2 // block)
     p1, p2 = nb1 * block, nb2 * block
@@ -191,11 +192,11 @@ def _kernel(spec, x1, x2, sym, block, exact, degree, nodes):
         xb = lax.dynamic_slice_in_dim(x2p, j, block)
         qa = [lax.dynamic_slice_in_dim(q, i, block) for q in q1p]
         qb = [lax.dynamic_slice_in_dim(q, j, block) for q in q2p]
-        tiles = _tile(spec, xa, xb, qa, qb, exact, degree, nodes)
+        tiles = lax.optimization_barrier(_tile(spec, xa, xb, qa, qb, exact, degree, nodes))
         new = []
         for buf, t in zip(carry, tiles, strict=True):
             if sym:
-                t = jnp.where(i == j, (t + t.T) / 2, t)
+                t = jnp.where(i == j, _mirror_upper(t), t)
                 buf = lax.dynamic_update_slice(buf, t.T, (j, i))
             buf = lax.dynamic_update_slice(buf, t, (i, j))
             new.append(buf)
@@ -203,6 +204,20 @@ def _kernel(spec, x1, x2, sym, block, exact, degree, nodes):
 
     (nngp, ntk), _ = lax.scan(body, out0, idx)
     return Kernel(nngp[:n1, :n2], ntk[:n1, :n2])
+
+
+def _mirror_upper(k: Array) -> Array:
+    """Exactly symmetric copy of a square ``k``: its upper triangle mirrored.
+
+    (``(k + k.T) / 2`` is not reliably symmetric after XLA fusion, which may
+    recompute entries ``(i, j)`` and ``(j, i)`` with different roundings.)
+    """
+    r = jnp.arange(k.shape[0])
+    upper = r[:, None] <= r[None, :]
+    return jnp.where(upper, k, k.T)
+
+
+_symmetrize = jax.jit(lambda k: Kernel(_mirror_upper(k.nngp), _mirror_upper(k.ntk)))
 
 
 def _as_inputs(x, name: str) -> Array:
@@ -280,7 +295,12 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
         exact_angles = x1.shape[1] <= EXACT_ANGLE_MAX_DIM
     if not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be a positive integer, got {degree!r}")
-    return _kernel(spec, x1, x2, sym, int(block_size), bool(exact_angles), degree, int(nodes))
+    k = _kernel(spec, x1, x2, sym, int(block_size), bool(exact_angles), degree, int(nodes))
+    if sym:
+        # A separate executable on materialised buffers: inside one jit, XLA may
+        # fuse and recompute entries (i, j) and (j, i) with different roundings.
+        k = _symmetrize(k)
+    return k
 
 
 def nngp_diagonal(spec: MLPSpec, x) -> Array:

@@ -122,8 +122,9 @@ def gaussian_second_moment(fn: Callable[[Array], Array], q: Array, *,
     """``E[fn(u)^2]``, ``u ~ N(0, q)``, elementwise over ``q`` (:func:`gaussian_rule`)."""
     z, w = gaussian_rule(nodes)
     dt = q.dtype
-    vals = fn(safe_sqrt(q)[..., None] * jnp.asarray(z, dt))
-    return jnp.sum(vals * vals * jnp.asarray(w, dt), axis=-1)
+    zz = jnp.asarray(z, dt).reshape((1,) * q.ndim + (-1,))
+    vals = fn(safe_sqrt(q)[..., None] * zz)
+    return jnp.sum(vals * vals * jnp.asarray(w, dt).reshape(zz.shape), axis=-1)
 
 
 def _mehler_pair(fn, q1, c, q2, degree, nodes):
@@ -144,13 +145,13 @@ def _mehler_pair(fn, q1, c, q2, degree, nodes):
     acc, _ = lax.scan(step, jnp.zeros_like(rho), (a1.T[::-1], a2.T[::-1]))
     hp = lax.Precision.HIGHEST
     f1 = fn(r1[:, None] * zj[None, :])
-    f2p = fn(r2[:, None] * zj[None, :]) * wj
-    f2m = fn(-r2[:, None] * zj[None, :]) * wj
+    f2p = fn(r2[:, None] * zj[None, :]) * wj[None, :]
+    f2m = fn(-r2[:, None] * zj[None, :]) * wj[None, :]
     s_plus = jnp.matmul(f1, f2p.T, precision=hp)
     s_minus = jnp.matmul(f1, f2m.T, precision=hp)
     sign = jnp.asarray((-1.0) ** np.arange(degree + 1), dt)
     p_plus = jnp.matmul(a1, a2.T, precision=hp)
-    p_minus = jnp.matmul(a1 * sign, a2.T, precision=hp)
+    p_minus = jnp.matmul(a1 * sign[None, :], a2.T, precision=hp)
     d_plus, d_minus = s_plus - p_plus, s_minus - p_minus
     t_even, t_odd = (d_plus + d_minus) / 2, (d_plus - d_minus) / 2
     k_even = degree + 1 if (degree + 1) % 2 == 0 else degree + 2
