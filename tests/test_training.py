@@ -135,8 +135,9 @@ def test_linearised_net_tracks_trained_net_better_as_width_grows():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["vmap", "unroll"])
 @pytest.mark.parametrize("opt", ["gd", "sgd", "ngd"])
-def test_ensemble_equals_separate_runs(opt, dtype, tol):
+def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
     spec = MLPSpec(depth=2, width=32, b_std=0.0)
     f = MLPApply(spec)
     x, y = _data(dtype, n=16, d=3)
@@ -149,7 +150,7 @@ def test_ensemble_equals_separate_runs(opt, dtype, tol):
         tx, kw["batch_size"] = sgd(0.5), 4
     else:
         tx = ngd(0.3, damping=1e-3)
-    ens = train(f, ps, x, y, optimizer=tx, ensemble=True, **kw)
+    ens = train(f, ps, x, y, optimizer=tx, ensemble=True, ensemble_mode=mode, **kw)
     assert ens.losses.shape == (10, 11)
     for i in range(10):
         p_i = init_params(spec, 3, keys[i], dtype)

@@ -137,6 +137,7 @@ class _Config(NamedTuple):
     replace: bool
     ensemble: bool
     key_per_member: bool
+    unroll_members: bool = False
 
 
 def _loss(cfg: _Config, f, p, xb, yb):
@@ -157,7 +158,8 @@ def _batch_indices(cfg: _Config, key, step, n):
     return jax.lax.dynamic_slice(perm, (j * b,), (b,))
 
 
-def _single_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+def _make_body(cfg: _Config, frozen, key, x, y):
+    """One training step ``((p, s), step) -> ((p, s), loss before the step)`` for one init."""
     part, opt = cfg.partition, cfg.optimizer
 
     def f_tr(p, xx):
@@ -179,13 +181,49 @@ def _single_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y,
         p = optax.apply_updates(p, upd)
         return (p, s), val
 
+    return body
+
+
+def _single_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+    body = _make_body(cfg, frozen, key, x, y)
     steps = start + jnp.arange(length)
     (p_tr, opt_state), losses = jax.lax.scan(body, (p_tr, opt_state), steps)
     return p_tr, opt_state, losses
 
 
+def _unrolled_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+    """Ensemble members as separate carries of one scan (no batched matmuls).
+
+    On XLA:CPU a vmapped dot of many small matrices is much slower than the
+    same dots issued one by one, so small ensembles are unrolled over members.
+    """
+    K = jax.tree_util.tree_leaves(p_tr)[0].shape[0]
+
+    def member(t, k):
+        return jax.tree_util.tree_map(lambda a: a[k], t)
+
+    bodies = [_make_body(cfg, member(frozen, k), key[k] if cfg.key_per_member else key, x, y)
+              for k in range(K)]
+
+    def body(carry, step):
+        outs = [b(c, step) for b, c in zip(bodies, carry, strict=True)]
+        return [o[0] for o in outs], jnp.stack([o[1] for o in outs])
+
+    carry0 = [(member(p_tr, k), member(opt_state, k)) for k in range(K)]
+    carry, losses = jax.lax.scan(body, carry0, start + jnp.arange(length))
+
+    def stack(*a):
+        return jnp.stack(a)
+
+    p_tr = jax.tree_util.tree_map(stack, *[c[0] for c in carry])
+    opt_state = jax.tree_util.tree_map(stack, *[c[1] for c in carry])
+    return p_tr, opt_state, losses.T
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "length"))
 def _run_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+    if cfg.ensemble and cfg.unroll_members:
+        return _unrolled_chunk(cfg, length, p_tr, opt_state, frozen, key, x, y, start)
     fn = functools.partial(_single_chunk, cfg, length)
     if cfg.ensemble:
         fn = jax.vmap(fn, in_axes=(0, 0, 0, 0 if cfg.key_per_member else None, None, None, None))
@@ -258,6 +296,7 @@ def train(
     callback: Callable[[int, np.ndarray], Any] | None = None,
     chunk_size: int | None = None,
     replace: bool = False,
+    ensemble_mode: str = "auto",
 ) -> TrainResult:
     """Train ``apply_fn`` on the squared loss; jit + ``lax.scan`` (+ ``vmap`` for ensembles).
 
@@ -288,6 +327,11 @@ def train(
         twentieth of them when a callback is given).
       replace: mini-batches with replacement (default: without, epoch-wise
         permutations, a remainder smaller than ``batch_size`` is dropped).
+      ensemble_mode: how an ensemble is laid out in the compiled step:
+        ``"vmap"`` (batched), ``"unroll"`` (members as separate carries of one
+        scan: faster on CPU, where batched small matmuls are slow) or
+        ``"auto"`` (unroll on CPU for K <= 16, else vmap). Results agree to
+        rounding.
 
     Returns:
       A :class:`TrainResult`.
@@ -349,10 +393,16 @@ def train(
     if ensemble and not key_per_member and jnp.ndim(key) == 2:  # raw uint32 keys (K, 2)
         key_per_member = True
 
+    if ensemble_mode not in ("auto", "vmap", "unroll"):
+        raise ValueError(f"ensemble_mode must be 'auto', 'vmap' or 'unroll', got {ensemble_mode!r}")
+    unroll = bool(ensemble) and (
+        ensemble_mode == "unroll"
+        or (ensemble_mode == "auto" and K <= 16 and jax.default_backend() == "cpu")
+    )
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
-                  key_per_member)
+                  key_per_member, unroll)
 
     split = jax.vmap(part.split) if ensemble else part.split
     p_tr, frozen = split(params)
