@@ -27,7 +27,7 @@ import optax
 
 from benchmarks.common import matmul_flop_rate, matmul_unit, time_fn, write_json
 from ntkexp.empirical import empirical_ntk
-from ntkexp.models.mlp import MLPApply, MLPSpec
+from ntkexp.models.mlp import MLPSpec
 from ntkexp.optim import gd, ngd
 from ntkexp.training import init_ensemble, train
 

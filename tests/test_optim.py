@@ -1,12 +1,12 @@
-"""gd / sgd / ngd as optax transformations: update rules against closed forms, composition, errors."""
+"""gd / sgd / ngd as optax transformations: update rules vs closed forms, composition, errors."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from ntkexp.optim import OPTIMIZERS, gd, ngd, ngd_dual_coefficients, sgd
 
 

@@ -1,18 +1,18 @@
-"""Infinite-width predictions and diagnostics against closed forms, the training loop and Monte Carlo."""
+"""Infinite-width predictions and diagnostics vs closed forms, the training loop, Monte Carlo."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
 from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
 from ntkexp.optim import gd
 from ntkexp.theory import (
-    generalization_bound,
     gd_loss_curve,
     gd_residuals,
+    generalization_bound,
     gradient_flow,
     kernel_drift,
     kernel_regression,
@@ -73,7 +73,8 @@ def test_gradient_flow_solves_the_ode(dtype, tol):
     # du/dt = -eta H (u - y), by central differences in float64
     H64, u064, y64 = (np.asarray(a, np.float64) for a in (H, u0, y))
     h = 1e-5
-    up, um = (np.asarray(gradient_flow(H64, u064, y64, t, learning_rate=eta)) for t in (1 + h, 1 - h))
+    up, um = (np.asarray(gradient_flow(H64, u064, y64, t, learning_rate=eta))
+              for t in (1 + h, 1 - h))
     du = (up - um) / (2 * h)
     u1 = np.asarray(gradient_flow(H64, u064, y64, 1.0, learning_rate=eta))
     assert rel_err(du, -eta * H64 @ (u1 - y64)) < 1e-6
@@ -139,8 +140,9 @@ def test_ntk_gp_mean_and_cov_match_monte_carlo_over_f0():
         mean, cov = ntk_gp(Theta[te, tr], Theta[tr, tr], K[te, tr], K[tr, tr], K[te, te], y,
                            loss_reduction="sum", **kw)
         draws = rng.multivariate_normal(np.zeros(n + m), K, size=20000)
-        preds = jax.vmap(lambda f: ntk_predict(Theta[te, tr], Theta[tr, tr], y, f[te], f[tr],
-                                               loss_reduction="sum", **kw))(jnp.asarray(draws))
+        preds = jax.vmap(lambda f, kw=kw: ntk_predict(Theta[te, tr], Theta[tr, tr], y, f[te],
+                                                      f[tr], loss_reduction="sum", **kw)
+                         )(jnp.asarray(draws))
         preds = np.asarray(preds)
         se = np.sqrt(np.diag(np.asarray(cov)) / len(draws))
         assert np.all(np.abs(preds.mean(0) - np.asarray(mean)) < 5 * se + 1e-12)
@@ -161,7 +163,7 @@ def test_linearize_is_first_order_taylor(dtype, tol):
     d = jax.tree_util.tree_map(lambda a: 0.05 * jnp.ones_like(a), p0)
     errs = []
     for s in (1.0, 0.5):
-        th = jax.tree_util.tree_map(lambda a, b: a + s * b, p0, d)
+        th = jax.tree_util.tree_map(lambda a, b, s=s: a + s * b, p0, d)
         errs.append(float(jnp.linalg.norm(fl({"theta": th, "theta0": p0}, x) - f(th, x))))
     if dtype == jnp.float64:
         assert 3.5 < errs[0] / errs[1] < 4.5

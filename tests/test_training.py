@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
 from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
@@ -156,8 +156,9 @@ def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
         p_i = init_params(spec, 3, keys[i], dtype)
         one = train(f, p_i, x, y, optimizer=tx, **kw)
         assert rel_err(ens.losses[i], one.losses) < 100 * tol["agree"]
-        for a, b in zip(jax.tree_util.tree_leaves(ens.params), jax.tree_util.tree_leaves(one.params),
-                        strict=True):
+        leaves = zip(jax.tree_util.tree_leaves(ens.params),
+                     jax.tree_util.tree_leaves(one.params), strict=True)
+        for a, b in leaves:
             assert rel_err(a[i], b) < 100 * tol["agree"]
 
 

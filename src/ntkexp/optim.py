@@ -78,7 +78,9 @@ def _lr_at(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def _scale_by_lr(learning_rate: ScalarOrSchedule, who: str) -> optax.GradientTransformationExtraArgs:
+def _scale_by_lr(
+    learning_rate: ScalarOrSchedule, who: str
+) -> optax.GradientTransformationExtraArgs:
     _check_learning_rate(learning_rate, who)
 
     def init(params):
@@ -143,7 +145,8 @@ def ngd(
       params, *, x, residual, apply_fn=None)``.
     """
     _check_learning_rate(learning_rate, "ngd")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping):
+    if (isinstance(damping, bool) or not isinstance(damping, (int, float))
+            or not math.isfinite(damping)):
         raise TypeError(f"ngd: damping must be a finite number >= 0, got {damping!r}")
     if damping < 0:
         raise ValueError(f"ngd: damping must be >= 0, got {damping!r}")

@@ -53,7 +53,9 @@ def _as_2d(name: str, y, n: int) -> tuple[Array, bool]:
     vec = y.ndim == 1
     y2 = y[:, None] if vec else y
     if y2.ndim != 2 or y2.shape[0] != n:
-        raise ValueError(f"{name} must have {n} rows to match the kernel, got shape {tuple(y.shape)}")
+        raise ValueError(
+            f"{name} must have {n} rows to match the kernel, got shape {tuple(y.shape)}"
+        )
     return y2, vec
 
 
@@ -155,7 +157,9 @@ def gd_residuals(H, r0, steps: int, *, learning_rate: float, loss_reduction: str
     return out[..., 0] if vec else out
 
 
-def gd_loss_curve(H, u0, y, steps: int, *, learning_rate: float, loss_reduction: str = "sum") -> Array:
+def gd_loss_curve(
+    H, u0, y, steps: int, *, learning_rate: float, loss_reduction: str = "sum"
+) -> Array:
     """Predicted loss ``1/2 ||(I - eta H_eff)^k (u0 - y)||^2`` (divided by n for "mean").
 
     Returns:
@@ -247,7 +251,9 @@ def ntk_gp(
     learning_rate: float = 1.0,
     loss_reduction: str = "mean",
 ) -> tuple[Array, Array]:
-    """Mean and covariance of the trained infinite network, f0 ~ GP(0, NNGP) (Lee et al. 2019, eq. 16).
+    """Mean and covariance of the trained infinite network, f0 ~ GP(0, NNGP).
+
+    Lee et al. 2019, eq. 16.
 
     With ``T = Theta(x, X) Theta^-1 (I - e^{-eta t Theta_eff})`` (``Theta(x, X) Theta^-1``
     at t = infinity; Jacot et al. 2018, sec. 5)::
@@ -288,7 +294,7 @@ def ntk_gp(
 
 @dataclasses.dataclass(frozen=True)
 class LinearizedApply:
-    """``f_lin(p, x) = f(theta0, x) + J(theta0, x) (theta - theta0)`` with ``p = {"theta", "theta0"}``.
+    """``f_lin(p, x) = f(theta0, x) + J(theta0, x) (theta - theta0)``, ``p = {"theta", "theta0"}``.
 
     ``theta0`` is read through ``stop_gradient`` (and masked as frozen), so it
     never moves; vmapping over initialisations works because the expansion
@@ -382,7 +388,9 @@ def supports_patterns(apply_fn) -> bool:
 
 
 def pattern_flip_fraction(apply_fn, params_t, params_0, x) -> Array:
-    """Fraction of (point, hidden unit) pairs whose activation pattern changed (Du et al. 2019, Fig. 1b).
+    """Fraction of (point, hidden unit) pairs whose activation pattern changed.
+
+    Du et al. 2019, Fig. 1b:
 
     ``sum_{i,r} 1{sign(z_ir(t)) != sign(z_ir(0))} / (n * units)``, over all
     hidden layers, with ``z`` the pre-activations on ``x (n, d)``; a unit is

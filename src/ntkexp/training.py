@@ -343,7 +343,10 @@ def train(
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}")
+        raise TypeError(
+            "optimizer must be an optax GradientTransformation, "
+            f"got {type(optimizer).__name__}"
+        )
     steps = _check_int("steps", steps, 0)
     x = jnp.asarray(x)
     y = jnp.asarray(y)
@@ -370,7 +373,9 @@ def train(
     except Exception as e:  # noqa: BLE001 - any failure here is a shape/type mismatch
         raise ValueError(f"apply_fn(params, x) fails on x of shape {tuple(x.shape)}: {e}") from None
     if tuple(out.shape) != tuple(y.shape):
-        raise ValueError(f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}")
+        raise ValueError(
+            f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}"
+        )
     y = y.astype(dtype)
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1)
@@ -385,7 +390,9 @@ def train(
     if with_probe:
         probe_x = jnp.asarray(probe_x)
         if probe_x.ndim != 2 or probe_x.shape[1] != x.shape[1]:
-            raise ValueError(f"probe_x must have shape (m, {x.shape[1]}), got {tuple(probe_x.shape)}")
+            raise ValueError(
+                f"probe_x must have shape (m, {x.shape[1]}), got {tuple(probe_x.shape)}"
+            )
     if key is None:
         key = jax.random.key(0)
     key_per_member = bool(ensemble and jnp.ndim(key) == 1 and (
@@ -498,7 +505,9 @@ def init_ensemble(build_or_spec, in_dim: int, keys: Array, dtype=None):
     if callable(build_or_spec) and not hasattr(build_or_spec, "__dataclass_fields__"):
         build = build_or_spec
     else:
-        arch = next((a for _, a in ARCHITECTURES.items() if a.make_spec is type(build_or_spec)), None)
+        arch = next(
+            (a for _, a in ARCHITECTURES.items() if a.make_spec is type(build_or_spec)), None
+        )
         if arch is None:
             raise TypeError(
                 f"no registered architecture builds specs of type {type(build_or_spec).__name__}"

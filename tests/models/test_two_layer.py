@@ -1,11 +1,11 @@
-"""Two-layer ReLU net of Du et al. / Arora et al. / Zhang et al.: init, frozen output layer, limits."""
+"""Two-layer ReLU net (Du et al., Arora et al., Zhang et al.): init, frozen output, limits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.models.registry import ARCHITECTURES
 from ntkexp.models.two_layer import (
@@ -79,9 +79,9 @@ def test_analytic_kernel_vs_monte_carlo_and_edges():
                   [0.0, 0.0, 0.0]])
     k = two_layer_kernel(spec, jnp.asarray(x))
     assert np.all(np.isfinite(k.nngp)) and np.all(np.isfinite(k.ntk))
-    np.testing.assert_allclose(k.ntk, _du_gram(x / np.maximum(np.linalg.norm(x, axis=1,
-                               keepdims=True), 1e-300)) * np.outer(*[np.linalg.norm(x, axis=1)] * 2),
-                               atol=1e-12)
+    norms = np.linalg.norm(x, axis=1)
+    unit = x / np.maximum(norms, 1e-300)[:, None]
+    np.testing.assert_allclose(k.ntk, _du_gram(unit) * np.outer(norms, norms), atol=1e-12)
     # E[relu(w.x) relu(w.x')], w ~ N(0, kappa^2 I): Monte Carlo with 2^20 draws
     w = 1.5 * np.random.default_rng(0).standard_normal((3, 2**20))
     feats = np.maximum(x @ w, 0)
