@@ -16,7 +16,7 @@ depends on the initialisation number). The three panels of the figure:
 (a) the training loss ``L(k)`` beside the prediction of Theorem 4.1,
     ``1/2 ||(I - eta H)^k (y - u0)||^2`` (``u0`` the initial outputs; with
     ``params.init: symmetric`` the hidden units come in pairs with equal
-    ``w_r`` and opposite ``a_r``, so ``u0 = 0`` exactly and the prediction is
+    ``w_r`` and opposite ``a_r``, so ``u0 = 0`` up to rounding and the prediction is
     Arora et al.'s ``1/2 ||(I - eta H)^k y||^2``; Arora et al. instead take
     ``kappa`` small so that ``u0 ~ 0``);
 (b) the eigenvalues ``lambda_i`` of ``H`` and the projections ``(v_i^T y)^2``
@@ -70,7 +70,7 @@ class Params:
     Attributes:
       kappa: standard deviation of the first-layer weights at initialisation.
       init: ``symmetric`` (pairs of units with equal ``w_r`` and opposite
-        ``a_r``, so ``u0 = 0``) or ``standard`` (independent units).
+        ``a_r``, so ``u0 = 0`` up to rounding) or ``standard`` (independent units).
       positive_classes: class ids labelled +1 (the rest are -1).
       random_fractions: fractions of training labels replaced by random signs.
       lr_mode: ``relative`` (``eta = learning_rate / lambda_max(H_eff)``) or

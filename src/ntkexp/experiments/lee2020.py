@@ -1,0 +1,425 @@
+"""Lee et al. (NeurIPS 2020), "Finite Versus Infinite Neural Networks", on a small real set.
+
+Test accuracy of infinite-width kernel regression (NNGP and NTK, Lee et al.
+2020, section 2; the posterior mean ``K(x, X) K^-1 y`` and the NTK-GP mean of
+the net trained for ever, Lee et al. 2019, eq. 16) next to finite MLPs of
+several widths trained by GD or SGD on the mean squared error, in the NTK and
+in the standard parameterization, as single nets and as ensembles (``+U``:
+outputs averaged over ``train.inits`` initialisations), with and without
+centring (``+C``: the model ``f(theta, x) - f(theta_0, x)``; trained exactly
+as the raw net on the shifted targets ``y + f(theta_0, X)``, since the loss
+``||f - f0 - y||^2`` is the same function of theta).
+
+Targets: one-hot vectors centred to zero mean over the ``k`` classes,
+``e_c - 1/k`` (``0.9 / -0.1`` for the 10 digits, as ``ntkexp.data`` builds
+them); a dataset with several target columns is used as given (class =
+argmax), one column of integers is read as class ids and encoded this way.
+Inputs: ``params.preprocess`` (default ``standardize``: subtract the
+training mean of each feature, then scale every input to norm ``sqrt(d)``).
+
+Learning rates (``params.lr_mode: relative``, default): ``eta = learning_rate
+/ lambda_max(Theta_0 / n)``, with ``lambda_max`` of the net's own empirical NTK
+at initialisation (power iteration on ``J J^T``); the standard
+parameterization's NTK grows with width, so its step shrinks like 1/width as
+Lee et al. 2020 (section 3) prescribe. The infinite-width "NTK, t = T" column
+uses the analytic NTK with the same relative rate and number of steps.
+
+results.npz (W widths, K inits, V variants = parameterizations x centring,
+m test points, k classes): ``test_out (W, 1, K, V, m, k)`` (centred variants
+store ``f - f0``), ``test_acc``, ``eta``, ``final_loss (W, 1, K, V)``;
+``limit_nngp_out``, ``limit_ntk_out``, ``limit_ntk_t_out`` ``(m, k)``,
+``limit_labels (m,)``, ``limit_variants`` (``"ntk"`` / ``"ntk+C"`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntkexp.config import ConfigError
+from ntkexp.data import DataError
+from ntkexp.experiments.arora2019 import make_optimizer
+from ntkexp.experiments.base import Experiment, init_key, register_experiment
+
+NAME = "lee2020_finite_vs_infinite"
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """``params:`` section of ``lee2020_finite_vs_infinite``.
+
+    Attributes:
+      parameterizations: ``ntk`` and/or ``standard`` (each width is trained in each).
+      centering: which of raw (``false``) and centred (``true``) nets to train.
+      preprocess: ``none``, ``center`` (subtract the training mean per feature) or
+        ``standardize`` (center, then scale each input to norm ``sqrt(d)``).
+      lr_mode: ``relative`` (``eta = learning_rate / lambda_max(Theta_0 / n)``) or
+        ``absolute``.
+      kernel_ridge: diagonal regulariser of kernel regression, relative to the
+        mean diagonal of the kernel (a numerical jitter, not a tuned ridge).
+      power_iterations: iterations of the power method for ``lambda_max``.
+    """
+
+    parameterizations: tuple[Literal["ntk", "standard"], ...] = dataclasses.field(
+        default=("ntk", "standard"), metadata={"nonempty": True})
+    centering: tuple[bool, ...] = dataclasses.field(default=(False, True),
+                                                    metadata={"nonempty": True})
+    preprocess: Literal["none", "center", "standardize"] = "standardize"
+    lr_mode: Literal["relative", "absolute"] = "relative"
+    kernel_ridge: float = dataclasses.field(default=1e-6, metadata={"min": 0.0})
+    power_iterations: int = dataclasses.field(default=30, metadata={"min": 1})
+
+
+def variants(cfg) -> list[tuple[str, bool]]:
+    """``[(parameterization, centred)]`` in the order stored in the results."""
+    return [(p, c) for p in cfg.params.parameterizations for c in cfg.params.centering]
+
+
+def variant_name(p: str, c: bool) -> str:
+    return f"{p}{'+C' if c else ''}"
+
+
+# --------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------
+
+
+def class_targets(y_train, y_test):
+    """``(targets_train (n, k), targets_test (m, k), labels_train (n,), labels_test (m,))``.
+
+    Several columns: used as given, labels by argmax. One column of integers:
+    class ids ``0..k-1`` encoded as ``e_c - 1/k``.
+
+    Raises:
+      DataError: one column of non-integer values, or a single class.
+    """
+    ytr, yte = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
+    if ytr.shape[1] >= 2:
+        return ytr, yte, np.argmax(ytr, 1), np.argmax(yte, 1) if len(yte) else np.zeros(0, int)
+    both = np.concatenate([ytr[:, 0], yte[:, 0]])
+    if not np.all(both == np.round(both)) or both.min() < 0:
+        raise DataError(f"{NAME} classifies: a single target column must hold class ids "
+                        "0, 1, 2, ... (integers)")
+    k = int(both.max()) + 1
+    if k < 2:
+        raise DataError(f"{NAME} needs at least two classes in the targets")
+
+    def enc(v):
+        ids = v[:, 0].astype(np.int64)
+        t = np.full((len(ids), k), -1.0 / k)
+        t[np.arange(len(ids)), ids] += 1.0
+        return t, ids
+
+    (ttr, ltr), (tte, lte) = enc(ytr), enc(yte)
+    return ttr, tte, ltr, lte
+
+
+def preprocess(x_train, x_test, mode: str):
+    """Apply ``params.preprocess`` (statistics from the training inputs only)."""
+    xtr, xte = jnp.asarray(x_train), jnp.asarray(x_test)
+    if mode == "none":
+        return xtr, xte
+    mu = jnp.mean(xtr, axis=0, keepdims=True)
+    xtr, xte = xtr - mu, xte - mu
+    if mode == "center":
+        return xtr, xte
+    d = xtr.shape[1]
+
+    def scale(x):
+        nrm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+        return x * jnp.sqrt(jnp.asarray(d, x.dtype)) / jnp.where(nrm > 0, nrm, 1.0)
+
+    return scale(xtr), scale(xte)
+
+
+class Task:
+    def __init__(self, cfg, data):
+        if data.x_test.shape[0] == 0:
+            raise DataError(f"{NAME} measures test accuracy: set data.n_test > 0 (or give "
+                            "x_test in the .npz)")
+        dt = data.x_train.dtype
+        self.x, self.x_test = preprocess(data.x_train, data.x_test, cfg.params.preprocess)
+        ttr, tte, self.labels, self.labels_test = class_targets(data.y_train, data.y_test)
+        self.y, self.y_test = jnp.asarray(ttr, dt), jnp.asarray(tte, dt)
+        self.k = self.y.shape[1]
+        self.dtype = dt
+
+
+# --------------------------------------------------------------------------
+# Finite nets
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def ntk_lambda_max(apply_fn, params, x, key, iters: int):
+    """Largest eigenvalue of the empirical NTK ``J J^T`` on ``x`` by power iteration.
+
+    ``J`` is the Jacobian of the flattened outputs ``(n k,)`` in the parameters;
+    ``J J^T v`` costs one vjp and one jvp, so no ``(n k)^2`` matrix is formed.
+
+    Returns:
+      a scalar, the Rayleigh quotient after ``iters`` iterations (a lower bound
+      of ``lambda_max`` that converges geometrically).
+    """
+    out, vjp = jax.vjp(lambda p: apply_fn(p, x), params)
+
+    def mv(v):
+        (g,) = vjp(v)
+        return jax.jvp(lambda p: apply_fn(p, x), (params,), (g,))[1]
+
+    v0 = jax.random.normal(key, out.shape, out.dtype)
+
+    def body(_, v):
+        w = mv(v)
+        return w / jnp.linalg.norm(w)
+
+    v = jax.lax.fori_loop(0, iters, body, v0 / jnp.linalg.norm(v0))
+    return jnp.sum(v * mv(v))
+
+
+def _step(cfg, lam: float, n: int) -> float:
+    lr = cfg.train.learning_rates[0]
+    if cfg.params.lr_mode == "absolute":
+        return float(lr)
+    eff = lam / n if cfg.train.loss_reduction == "mean" else lam
+    return float(lr / eff)
+
+
+def _accuracy(out, labels) -> float:
+    return float(np.mean(np.argmax(np.asarray(out), axis=1) == np.asarray(labels)))
+
+
+def compute_unit(cfg, data, unit, progress):
+    from ntkexp.models import ARCHITECTURES
+    from ntkexp.training import train
+
+    task = Task(cfg, data)
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    base = cfg.model.spec(unit.width)
+    key = init_key(cfg, unit)
+    outs = {k: [] for k in ("test_out", "test_acc", "eta", "final_loss")}
+    for p, centred in variants(cfg):
+        spec = dataclasses.replace(base, parameterization=p, out_dim=task.k)
+        apply_fn, params = arch.build(spec, task.x.shape[1], key, task.dtype)
+        lam = float(ntk_lambda_max(apply_fn, params, task.x, jax.random.fold_in(key, 3),
+                                   cfg.params.power_iterations))
+        eta = _step(cfg, lam, task.x.shape[0])
+        f0_train, f0_test = apply_fn(params, task.x), apply_fn(params, task.x_test)
+        y = task.y + f0_train if centred else task.y
+        done = [0]
+
+        def callback(step, losses, done=done):
+            progress(int(step) - done[0])
+            done[0] = int(step)
+
+        res = train(apply_fn, params, task.x, y, optimizer=make_optimizer(cfg, eta),
+                    steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction,
+                    batch_size=cfg.train.batch_size, key=jax.random.fold_in(key, 7),
+                    callback=callback)
+        progress(cfg.train.steps - done[0])
+        f = apply_fn(res.params, task.x_test)
+        if centred:
+            f = f - f0_test
+        outs["test_out"].append(np.asarray(f))
+        outs["test_acc"].append(_accuracy(f, task.labels_test))
+        outs["eta"].append(eta)
+        outs["final_loss"].append(float(np.asarray(res.losses)[-1]))
+    return {k: np.asarray(v) for k, v in outs.items()}
+
+
+# --------------------------------------------------------------------------
+# Infinite width
+# --------------------------------------------------------------------------
+
+
+def reference(cfg, data):
+    from ntkexp.models import ARCHITECTURES
+    from ntkexp.theory import kernel_regression, ntk_gp
+
+    task = Task(cfg, data)
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    spec = dataclasses.replace(cfg.model.spec(cfg.model.widths[0]), parameterization="ntk",
+                               out_dim=1)
+    n = task.x.shape[0]
+    k = arch.analytic(spec, jnp.concatenate([task.x, task.x_test]))
+    res = {}
+    for name in ("nngp", "ntk"):
+        K = getattr(k, name)
+        Ktr, Kte = K[:n, :n], K[n:, :n]
+        ridge = cfg.params.kernel_ridge * float(jnp.mean(jnp.diag(Ktr)))
+        res[f"{name}_out"] = np.asarray(kernel_regression(Kte, Ktr, task.y, ridge=ridge))
+    Ktr = k.ntk[:n, :n] + cfg.params.kernel_ridge * jnp.mean(jnp.diag(k.ntk[:n, :n])) * \
+        jnp.eye(n, dtype=k.ntk.dtype)
+    lam = float(jnp.linalg.eigvalsh(Ktr)[-1])
+    eta = _step(cfg, lam, n)
+    mean, _ = ntk_gp(k.ntk[n:, :n], Ktr, k.nngp[n:, :n], k.nngp[:n, :n], k.nngp[n:, n:],
+                     task.y, steps=cfg.train.steps, learning_rate=eta,
+                     loss_reduction=cfg.train.loss_reduction)
+    res["ntk_t_out"] = np.asarray(mean)
+    res["ntk_t_eta"] = np.asarray(eta)
+    res["labels"] = np.asarray(task.labels_test)
+    res["variants"] = np.asarray([variant_name(p, c) for p, c in variants(cfg)])
+    return res
+
+
+# --------------------------------------------------------------------------
+# Summary and figure
+# --------------------------------------------------------------------------
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def summarize(cfg, results):
+    labels = np.asarray(results["limit_labels"])
+    names = [str(v) for v in results["limit_variants"]]
+    mu_t = np.asarray(results["limit_ntk_t_out"], np.float64)
+    kernels = {
+        "NNGP": _accuracy(results["limit_nngp_out"], labels),
+        "NTK": _accuracy(results["limit_ntk_out"], labels),
+        "NTK, t = T": _accuracy(mu_t, labels),
+    }
+    k = int(mu_t.shape[1])
+    table, rows = [], []
+    per_width = {}
+    for wi, w in enumerate(results["widths"]):
+        out = np.asarray(results["test_out"][wi, 0], np.float64)     # (K, V, m, k)
+        acc = np.asarray(results["test_acc"][wi, 0], np.float64)     # (K, V)
+        K = out.shape[0]
+        pw = {}
+        for vi, name in enumerate(names):
+            ens = out[:, vi].mean(0)
+            entry = {
+                "single": float(acc[:, vi].mean()),
+                "single_sd": float(acc[:, vi].std(ddof=1)) if K > 1 else 0.0,
+                "ensemble": _accuracy(ens, labels),
+                "ensemble_size": K,
+                "rel_dist_to_ntk_t_single": float(np.mean([_rel(out[j, vi], mu_t)
+                                                           for j in range(K)])),
+                "rel_dist_to_ntk_t_ensemble": _rel(ens, mu_t),
+                "eta": float(np.asarray(results["eta"][wi, 0, :, vi]).mean()),
+                "final_train_loss": float(np.asarray(results["final_loss"][wi, 0, :, vi]).mean()),
+            }
+            pw[name] = entry
+            table.append({"model": f"MLP {name}", "width": int(w), "single": entry["single"],
+                          "ensemble": entry["ensemble"]})
+            for j in range(K):
+                rows.append({"width": int(w), "variant": name, "init": j,
+                             "test_acc": float(acc[j, vi]),
+                             "rel_dist_to_ntk_t": _rel(out[j, vi], mu_t)})
+        per_width[str(int(w))] = pw
+    for name, a in kernels.items():
+        table.append({"model": name, "width": "inf", "single": a, "ensemble": a})
+    summary = {
+        "experiment": NAME,
+        "n_train": int(cfg.data.n_train),
+        "n_test": int(labels.shape[0]),
+        "classes": k,
+        "chance": 1.0 / k,
+        "steps": int(cfg.train.steps),
+        "optimizer": cfg.train.optimizer,
+        "batch_size": cfg.train.batch_size,
+        "kernels": kernels,
+        "per_width": per_width,
+        "table": table,
+        "table_markdown": table_markdown(results["widths"], names, per_width, kernels),
+        "metric_definitions": (
+            "test accuracy (argmax); single: mean over inits; ensemble: accuracy of the "
+            "outputs averaged over inits; +C: centred net f - f0; rel_dist_to_ntk_t: "
+            "||f - mu_T|| / ||mu_T|| on the test set, mu_T the NTK-GP mean after the same "
+            "steps; see ntkexp.experiments.lee2020"),
+    }
+    return summary, rows
+
+
+def table_markdown(widths, names, per_width, kernels) -> str:
+    """The accuracy table: one row per width, ``single / ensemble`` per variant."""
+    head = "| width | " + " | ".join(names) + " |"
+    sep = "|---" * (len(names) + 1) + "|"
+    lines = [head, sep]
+    for w in widths:
+        pw = per_width[str(int(w))]
+        cells = [f"{pw[n]['single']:.3f} / {pw[n]['ensemble']:.3f}" for n in names]
+        lines.append(f"| {int(w)} | " + " | ".join(cells) + " |")
+    lines.append("| inf | " + " | ".join(
+        f"NNGP {kernels['NNGP']:.3f}, NTK {kernels['NTK']:.3f}, NTK(T) {kernels['NTK, t = T']:.3f}"
+        if i == 0 else "" for i in range(len(names))) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, summary, cfg_dict, fig_dir):
+    """Test accuracy against width per variant (single and ensemble), kernels as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ntkexp.plotting import save_figure
+
+    widths = [int(w) for w in results["widths"]]
+    names = [str(v) for v in results["limit_variants"]]
+    colors = ("tab:blue", "tab:cyan", "tab:red", "tab:orange", "tab:green", "tab:purple")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    ax = axes[0]
+    for vi, name in enumerate(names):
+        c = colors[vi % len(colors)]
+        pw = [summary["per_width"][str(w)][name] for w in widths]
+        ax.plot(widths, [e["single"] for e in pw], "o-", color=c, ms=4, lw=1.3,
+                label=f"{name} single")
+        ax.plot(widths, [e["ensemble"] for e in pw], "s--", color=c, ms=4, lw=1.0,
+                label=f"{name} ensemble of {pw[0]['ensemble_size']}")
+    for (name, a), ls in zip(summary["kernels"].items(), ("-", ":", "-."), strict=False):
+        ax.axhline(a, color="k", ls=ls, lw=1.2, label=f"{name} kernel ({a:.3f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("test accuracy, finite vs infinite", fontsize=9)
+    ax.legend(fontsize=6.5, ncol=2)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    for vi, name in enumerate(names):
+        c = colors[vi % len(colors)]
+        pw = [summary["per_width"][str(w)][name] for w in widths]
+        ax.plot(widths, [e["rel_dist_to_ntk_t_single"] for e in pw], "o-", color=c, ms=4,
+                label=f"{name} single")
+        ax.plot(widths, [e["rel_dist_to_ntk_t_ensemble"] for e in pw], "s--", color=c, ms=4,
+                label=f"{name} ensemble")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("width")
+    ax.set_ylabel(r"$\|f - \mu_T\| / \|\mu_T\|$ on test inputs")
+    ax.set_title("distance to the NTK-GP mean after the same steps", fontsize=9)
+    ax.legend(fontsize=6.5, ncol=2)
+    ax.grid(alpha=0.3)
+    m = cfg_dict["model"]
+    fig.suptitle(f"Lee et al. 2020, finite vs infinite: {m['arch']} depth {m['depth']} "
+                 f"({m['activation']}), n = {summary['n_train']}, {summary['steps']} steps of "
+                 f"{summary['optimizer']}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, fig_dir, NAME)
+
+
+def check(cfg):
+    from ntkexp.models import ARCHITECTURES
+
+    if ARCHITECTURES.get(cfg.model.arch).analytic is None:
+        raise ConfigError(f"model.arch: {NAME} needs an architecture with an analytic "
+                          f"kernel, and {cfg.model.arch!r} has none")
+    if len(cfg.train.learning_rates) != 1:
+        raise ConfigError(f"train.learning_rate: {NAME} needs one learning rate")
+    if cfg.data.n_test < 1 and cfg.data.name != "npz":
+        raise ConfigError(f"data.n_test: {NAME} measures test accuracy, so n_test must be > 0")
+
+
+EXPERIMENT = register_experiment(Experiment(
+    name=NAME, params=Params, compute_unit=compute_unit, reference=reference,
+    summarize=summarize, plot=plot,
+    unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg)),
+    check=check, main_figure=NAME))
