@@ -494,7 +494,7 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
     chunk = 1
     if method == "structured":
         if block_size is not None:
-            m1 = m2 = block_size
+            m1, m2 = min(block_size, n1), min(block_size, n2)
         elif sym and n1 > _STRUCT_TILE:
             k = -(-n1 // _STRUCT_TILE)
             m1 = m2 = -(-n1 // k)
@@ -507,9 +507,11 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
             m = block_size or default
             m1, m2 = min(m, n1), min(m, n2)
         else:
-            m1 = min(block_size or n1, n1)
+            # symmetric: 4 x 4 tiles, only the 10 upper ones computed (-37.5% work)
+            auto_m = -(-n1 // 4) if (sym and n1 >= 64) else n1
+            m1 = min(block_size or auto_m, n1)
             m2 = min(block_size or n2, n2)
-            chunk = max(1, min(default, m2))
+            chunk = max(1, min(default, m1 if sym else m2))
     if sym:
         m2 = m1
     return _ntk_core(params, x1, x2, apply_fn=apply_fn, method=method,
