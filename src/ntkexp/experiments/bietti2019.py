@@ -111,8 +111,11 @@ def compute_unit(cfg, data, unit, progress):
 
 def reference(cfg, data):
     from ntkexp.activations import get_activation
-    from ntkexp.kernels.spectra import lipschitz_constant_prop9, mercer_eigenvalues
-    from ntkexp.kernels.spectra import smoothness_gammas
+    from ntkexp.kernels.spectra import (
+        lipschitz_constant_prop9,
+        mercer_eigenvalues,
+        smoothness_gammas,
+    )
 
     p = cfg.params
     mu_ntk = np.stack([mercer_eigenvalues(kappa_ntk, d, p.k_max, nodes=p.nodes) for d in p.dims])
