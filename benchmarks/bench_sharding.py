@@ -4,9 +4,9 @@ For k = 1, 2, 4 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=k``,
 one subprocess each, since the flag must be set before jax is imported) it
 times, in matmul units (DESIGN.md):
 
-* ``cntk_gap``: the analytic CNTK-GAP (8x8 images, depth 3, 48 points, float32)
+* ``cntk_gap``: the analytic CNTK-GAP (8x8 images, depth 3, 32 points, float32)
   through ``ntkexp.sharding.sharded_kernel``;
-* ``mlp_kernel``: the analytic MLP kernel on 4096 points (depth 5);
+* ``mlp_kernel``: the analytic MLP kernel on 2048 points (depth 5);
 * ``ensemble``: 100 full-batch GD steps of 8 MLP initialisations (width 256,
   256 points), ``jit(vmap)`` over inits placed by ``shard_ensemble``.
 
@@ -42,12 +42,12 @@ def _worker() -> dict:
     out = {"devices": len(jax.devices()), "matmul_unit_s": unit}
 
     cs = CNNSpec(depth=3, width=1, image_shape=(8, 8), readout="gap", W_std=1.4, b_std=0.1)
-    xi = jax.random.normal(jax.random.key(0), (48, 8, 8, 1), jnp.float32)
+    xi = jax.random.normal(jax.random.key(0), (32, 8, 8, 1), jnp.float32)
     out["cntk_gap"] = time_fn(lambda: sharded_kernel(lambda a, b: cnn_kernel(cs, a, b), xi),
                               repeats=3) / unit
 
     ms = MLPSpec(depth=5, width=1, W_std=1.4, b_std=0.1)
-    x = jax.random.normal(jax.random.key(1), (4096, 16), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (2048, 16), jnp.float32)
     out["mlp_kernel"] = time_fn(lambda: sharded_kernel(lambda a, b: analytic_kernel(ms, a, b), x),
                                 repeats=3) / unit
 

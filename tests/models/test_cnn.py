@@ -184,6 +184,23 @@ def test_forward_matches_explicit_patches(shape, dtype, tol):
     np.testing.assert_array_equal(np.asarray(CNNApply(spec)(p, x.reshape(3, -1))), np.asarray(out))
 
 
+def test_image_shape_from_inputs(dtype, tol):
+    """image_shape=None: flat (n, d) is a 1-D signal of length d with one channel."""
+    spec = CNNSpec(depth=2, width=4, readout="vec", W_std=1.3, b_std=0.2)
+    x = jax.random.normal(jax.random.key(13), (3, 6), dtype)
+    fixed = spec.replace(image_shape=(6,))
+    np.testing.assert_array_equal(np.asarray(cnn_kernel(spec, x).ntk),
+                                  np.asarray(cnn_kernel(fixed, x[..., None]).ntk))
+    apply_fn, params = ARCHITECTURES.get("cnn").build(spec, 6, jax.random.key(0), dtype)
+    assert params["readout"]["W"].shape == (6 * 4, 1)
+    np.testing.assert_array_equal(np.asarray(apply_fn(params, x)),
+                                  np.asarray(CNNApply(fixed)(params, x)))
+    xi = _images(jax.random.key(14), 2, (4, 4), 2, dtype)
+    assert cnn_kernel(spec.replace(readout="gap"), xi).ntk.shape == (2, 2)
+    with pytest.raises(ValueError, match="CNN inputs must"):
+        cnn_kernel(spec, jnp.ones((2, 3, 3, 3, 1)))
+
+
 def test_registered():
     arch = ARCHITECTURES.get("cnn")
     spec = arch.make_spec(depth=1, width=8, image_shape=(4,), readout="gap")

@@ -135,7 +135,8 @@ def cnn_kernel(spec: CNNSpec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kern
     """Infinite-width NNGP and NTK (CNTK) of the CNN ``spec``, for a scalar output.
 
     Args:
-      spec: a :class:`~ntkexp.models.cnn.CNNSpec` (its ``width`` is ignored).
+      spec: a :class:`~ntkexp.models.cnn.CNNSpec` (its ``width`` is ignored;
+        ``image_shape=None`` takes the shape from ``x1``).
       x1: inputs ``(n1, *image_shape, C)`` or flat ``(n1, N * C)`` (channels last).
       x2: inputs ``(n2, ...)`` like ``x1``, or None for ``x2 = x1`` (then the
         result is exactly symmetric).
@@ -163,6 +164,7 @@ def cnn_kernel(spec: CNNSpec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kern
         )
     sym = x2 is None
     x1 = _as_float(as_images(spec, x1))
+    spec = spec.resolve(x1.shape[1:])
     x2 = x1 if sym else _as_float(as_images(spec, x2, x1.shape[-1]))
     if x1.dtype != x2.dtype:
         dt = jnp.promote_types(x1.dtype, x2.dtype)

@@ -2,7 +2,11 @@
 
 Architecture (:class:`CNNSpec`), inputs ``x`` of shape ``(n, *image_shape, C_in)``
 (channels last; a flat ``(n, prod(image_shape) * C_in)`` is reshaped, channels
-last, so flat datasets such as the 8x8 sklearn digits work unchanged):
+last, so flat datasets such as the 8x8 sklearn digits work unchanged). With
+``image_shape=None`` the shape comes from the inputs: ``(n, *spatial, C)``
+arrays with 1 or 2 spatial axes are taken as they are, and a flat ``(n, d)``
+is read as a 1-D signal of length ``d`` with one channel (so ``arch: cnn``
+runs on any flat dataset from a config that does not name an image shape):
 
 * ``depth`` convolution layers, each ``width`` channels, filter ``q`` (``q x q``
   in 2-D), stride 1, ``'SAME'`` zero padding (``lax`` convention: ``(q-1)//2``
@@ -74,7 +78,8 @@ class CNNSpec:
       depth: number of convolution layers (>= 0; 0 is a linear readout of x).
       width: channels of every convolution layer (> 0); ``channels`` is an alias.
       image_shape: spatial shape of one input, ``(L,)`` for 1-D or ``(H, W)``
-        for 2-D signals (channels are not part of it).
+        for 2-D signals (channels are not part of it), or None: taken from the
+        inputs (flat ``(n, d)`` inputs are a 1-D signal of length d, 1 channel).
       filter_size: filter size ``q`` per spatial axis (>= 1).
       readout: ``"gap"`` (global average pooling) or ``"vec"`` (flatten).
       activation: registered activation name.
@@ -87,7 +92,7 @@ class CNNSpec:
 
     depth: int
     width: int
-    image_shape: tuple = ()
+    image_shape: tuple | None = None
     filter_size: int = 3
     readout: str = "gap"
     activation: str = "relu"
@@ -104,15 +109,19 @@ class CNNSpec:
         _check_int("CNNSpec", "filter_size", self.filter_size, minimum=1)
         _check_int("CNNSpec", "out_dim", self.out_dim, minimum=1)
         shape = self.image_shape
+        if shape is None:
+            shape = ()
         if isinstance(shape, int) and not isinstance(shape, bool):
             shape = (shape,)
-        if (not isinstance(shape, (tuple, list)) or len(shape) not in (1, 2)
+        if self.image_shape is not None and (
+                not isinstance(shape, (tuple, list)) or len(shape) not in (1, 2)
                 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)):
             raise ValueError(
                 "CNNSpec.image_shape must be a tuple of 1 or 2 positive integers "
                 f"(the spatial shape, e.g. (8, 8)), got {self.image_shape!r}"
             )
-        object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
+        if self.image_shape is not None:
+            object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
         if self.readout not in READOUTS:
             raise ValueError(f"unknown CNN readout {self.readout!r}; known: {', '.join(READOUTS)}")
         for name in ("W_std", "b_std"):
@@ -132,14 +141,36 @@ class CNNSpec:
     def has_bias(self) -> bool:
         return self.b_std > 0
 
+    def resolve(self, in_shape) -> CNNSpec:
+        """This spec with ``image_shape`` fixed from an input: an int ``d``
+        (flat: 1-D signal of length d) or a shape ``(*spatial, C)``."""
+        if self.image_shape is not None:
+            return self
+        if isinstance(in_shape, (tuple, list)):
+            if len(in_shape) == 1:
+                return self.replace(image_shape=(int(in_shape[0]),))
+            if len(in_shape) not in (2, 3):
+                raise ValueError(
+                    f"CNN inputs need 1 or 2 spatial axes plus channels, got shape {tuple(in_shape)}"
+                )
+            return self.replace(image_shape=tuple(int(s) for s in in_shape[:-1]))
+        _check_int("CNN", "in_dim", in_shape, minimum=1)
+        return self.replace(image_shape=(int(in_shape),))
+
+    def _need_shape(self) -> None:
+        if self.image_shape is None:
+            raise ValueError("this CNNSpec has image_shape=None; call spec.resolve(in_shape) first")
+
     @property
     def n_spatial(self) -> int:
         """Number of spatial axes k (1 or 2)."""
+        self._need_shape()
         return len(self.image_shape)
 
     @property
     def n_positions(self) -> int:
         """Number of positions N = prod(image_shape)."""
+        self._need_shape()
         return math.prod(self.image_shape)
 
     @property
@@ -155,6 +186,9 @@ class CNNSpec:
 
     def in_channels(self, in_dim) -> int:
         """Input channels from ``in_dim``: an int (flat size) or ``(*image_shape, C)``."""
+        self = self.resolve(in_dim)
+        if isinstance(in_dim, (tuple, list)) and len(in_dim) == 1:
+            in_dim = int(in_dim[0])
         if isinstance(in_dim, (tuple, list)):
             if tuple(in_dim[:-1]) != self.image_shape or len(in_dim) != self.n_spatial + 1:
                 raise ValueError(
@@ -185,6 +219,15 @@ def as_images(spec: CNNSpec, x, c_in: int | None = None) -> Array:
         (with ``C == c_in`` when given).
     """
     x = jnp.asarray(x)
+    if spec.image_shape is None:
+        if x.ndim == 2:
+            x = x[..., None]
+        if x.ndim not in (3, 4):
+            raise ValueError(
+                "CNN inputs must be (n, d), (n, L, C) or (n, H, W, C), "
+                f"got shape {tuple(x.shape)}"
+            )
+        spec = spec.resolve(x.shape[1:])
     k = spec.n_spatial
     if x.ndim == k + 2 and tuple(x.shape[1:-1]) == spec.image_shape:
         out = x
@@ -243,6 +286,7 @@ class CNNApply:
         ro = params["readout"]
         c_in = convs[0]["W"].shape[-2] if spec.depth else None
         a = as_images(spec, x, c_in).astype(ro["W"].dtype)
+        spec = spec.resolve(a.shape[1:])
         act = spec.act
         for h in range(spec.depth):
             p = convs[h]
@@ -299,6 +343,7 @@ class CNN(nnx.Module):
         dtype = dtype or jnp.float32
         c = spec.in_channels(in_dim)
         self.spec = spec
+        spec = spec.resolve(in_dim)
         layers = []
         for _ in range(spec.depth):
             layers.append(_Conv(spec, c, spec.width, rngs=rngs, dtype=dtype))
