@@ -62,12 +62,14 @@ def main(out_dir: str) -> dict:
     peer = {"structured": 1.6, "jvp": 90.0, "jacobian": 300.0}
     for n in (256, 4096):
         spec, f, params, x = _setup(n)
-        t = time_fn(lambda p, x: empirical_ntk(f, p, x, method="auto"), params, x, repeats=5)
+        t = time_fn(lambda p, x, f=f: empirical_ntk(f, p, x, method="auto"), params, x, repeats=5)
         ideal = structured_flops(spec, 16, n) / rate
-        res[f"auto_n{n}"] = {"units": t / unit, "seconds": t, "flops": structured_flops(spec, 16, n),
+        res[f"auto_n{n}"] = {"units": t / unit, "seconds": t,
+                             "flops": structured_flops(spec, 16, n),
                              "ideal_units": ideal / unit, "time_over_ideal": t / ideal,
                              "flop_efficiency": ideal / t}
-        print(f"auto n={n}: {t / unit:.3f} units ({t:.3f}s), {t / ideal:.2f}x its FLOP time", flush=True)
+        print(f"auto n={n}: {t / unit:.3f} units ({t:.3f}s), {t / ideal:.2f}x its FLOP time",
+              flush=True)
     spec, f, params, x = _setup(256)
     for m in ("jvp", "jacobian"):
         t = time_fn(lambda p, x, m=m: empirical_ntk(f, p, x, method=m), params, x, repeats=1)

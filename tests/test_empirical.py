@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOL, rel_err
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+from conftest import rel_err
 from ntkexp.empirical import (
     empirical_nngp,
     empirical_ntk,
@@ -58,7 +58,8 @@ MLP_CASES = [
 
 
 @pytest.mark.parametrize("case", MLP_CASES, ids=lambda c: f"d{c['depth']}-{c['activation']}")
-@pytest.mark.parametrize("sym,full", [(True, False), (False, True)], ids=["sym-traced", "x1x2-full"])
+@pytest.mark.parametrize("sym,full", [(True, False), (False, True)],
+                         ids=["sym-traced", "x1x2-full"])
 def test_methods_agree_with_jacobian_truth_on_mlps(case, full, sym, dtype, tol):
     f, p = _mlp(dtype, **case)
     x1 = _x(6, 3, dtype)

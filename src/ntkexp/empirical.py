@@ -72,7 +72,8 @@ _STRUCT_TILE = 1024
 
 
 def _spec_of(tree):
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
 
 
 _FIT_CACHE: dict = {}
@@ -130,7 +131,8 @@ def _check_inputs(x1, x2):
 def _check_block(block_size):
     if block_size is None:
         return None
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    if (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
+            or block_size < 1):
         raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
     return int(block_size)
 
@@ -385,7 +387,8 @@ def forward_flops(apply_fn, params, x_example_shape, dtype) -> float:
 def generic_costs(F: float, P: float, n1: int, n2: int, out: int, *, full: bool, sym: bool) -> dict:
     """FLOP estimates of the generic methods (module docstring); used by ``"auto"``."""
     half = 0.5 if sym else 1.0
-    jac = 3 * F * out * (n1 + (0 if sym else n2)) + 2 * n1 * n2 * P * out ** (2 if full else 1) * half
+    jac = (3 * F * out * (n1 + (0 if sym else n2))
+           + 2 * n1 * n2 * P * out ** (2 if full else 1) * half)
     jvp = 3 * F * out * n2 + 2 * F * out * n1 * n2 * half
     return {"jacobian": jac, "jvp": jvp}
 
@@ -408,7 +411,8 @@ def structured_flops(spec, in_dim: int, n1: int, n2: int | None = None, *, full:
     n_tot = n1 if sym else n1 + n2_
     pw = sum(i * o for i, o in dims)
     fwd = 2 * n_tot * pw
-    bwd = 2 * n_tot * out * sum(i * o for i, o in dims[1:-1]) + 2 * n_tot * out * spec.width * (spec.depth > 0)
+    bwd = (2 * n_tot * out * sum(i * o for i, o in dims[1:-1])
+           + 2 * n_tot * out * spec.width * (spec.depth > 0))
     t = 2 if full else 1
     gram = 0.0
     for h, (i, o) in enumerate(dims):

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOL, rel_err
 from flax import nnx
 
+from conftest import rel_err
 from ntkexp.models.mlp import MLP, MLPApply, MLPSpec, functional, init_params
 
 
