@@ -132,7 +132,7 @@ class Dense(nnx.Module):
     def __call__(self, a: Array) -> Array:
         z = self.w_mult * (a @ self.W[...])
         if hasattr(self, "b"):
-            z = z + self.b_mult * self.b[...]
+            z = z + self.b_mult * self.b[...][None, :]
         return z
 
 
