@@ -125,3 +125,10 @@ def test_registry_builders():
         OPTIMIZERS.get("gd")(learning_rate=1.0, momentum=0.9)
     with pytest.raises(ValueError, match="learning_rate"):
         OPTIMIZERS.get("sgd")()
+
+
+def test_equal_arguments_give_the_same_transformation():
+    """So that train() reuses its compiled program for gd(0.5) built twice."""
+    assert gd(0.5) is gd(0.5) and gd(0.5) is not gd(0.25) and gd(0.5) is not sgd(0.5)
+    f = _linear()
+    assert ngd(0.5, damping=0.1, apply_fn=f) is ngd(0.5, apply_fn=f, damping=0.1)

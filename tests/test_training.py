@@ -135,10 +135,10 @@ def test_linearised_net_tracks_trained_net_better_as_width_grows():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["vmap", "unroll"])
-@pytest.mark.parametrize("opt", ["gd", "sgd", "ngd"])
+@pytest.mark.parametrize("opt, mode", [("gd", "vmap"), ("gd", "unroll"), ("sgd", "unroll"),
+                                       ("ngd", "vmap")])
 def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
-    spec = MLPSpec(depth=2, width=32, b_std=0.0)
+    spec = MLPSpec(depth=2, width=16, b_std=0.0)
     f = MLPApply(spec)
     x, y = _data(dtype, n=16, d=3)
     keys = jax.random.split(jax.random.key(0), 10)
@@ -238,6 +238,15 @@ def test_records_distance_flips_and_width_rate():
     slope = np.polyfit(np.log(widths), np.log(maxd), 1)[0]
     assert -0.65 < slope < -0.35
     assert flips[0] > flips[-1]
+
+
+def test_zero_steps_records_initial_state():
+    x, y = _data(jnp.float64, n=8)
+    f, p = _net(16, jnp.float64)
+    res = train(f, p, x, y, optimizer=gd(0.1), steps=0, record_steps=(0,), probe_x=x[:3])
+    expect = 0.5 * np.mean((np.asarray(f(p, x))[:, 0] - np.asarray(y)) ** 2)
+    np.testing.assert_allclose(res.losses, [expect], rtol=1e-12)
+    np.testing.assert_allclose(res.probe_outputs[0], f(p, x[:3]), rtol=1e-12)
 
 
 def test_callback_chunks_and_ensemble_records(dtype):

@@ -31,6 +31,7 @@ Optimizers are registered in :data:`OPTIMIZERS` under ``"gd"``, ``"sgd"`` and
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -57,6 +58,28 @@ class NGDState(NamedTuple):
     """State of :func:`ngd`: the step count (for schedules)."""
 
     count: Array
+
+
+def _cached(factory):
+    """Return the same transformation for equal (hashable) arguments.
+
+    ``train`` compiles one program per optimizer object; caching makes
+    ``gd(0.5)`` called twice reuse the compiled steps instead of recompiling.
+    """
+    cache: dict = {}
+
+    @functools.wraps(factory)
+    def wrapper(learning_rate, **kwargs):
+        try:
+            key = (learning_rate, tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:
+            return factory(learning_rate, **kwargs)
+        if key not in cache:
+            cache[key] = factory(learning_rate, **kwargs)
+        return cache[key]
+
+    return wrapper
 
 
 def _check_learning_rate(learning_rate, who: str) -> None:
@@ -96,6 +119,7 @@ def _scale_by_lr(
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+@_cached
 def gd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     """Full-batch gradient descent ``theta <- theta - eta * grad``.
 
@@ -108,6 +132,7 @@ def gd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs
     return _scale_by_lr(learning_rate, "gd")
 
 
+@_cached
 def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     """Stochastic gradient descent: the :func:`gd` rule on mini-batch gradients.
 
@@ -117,6 +142,7 @@ def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArg
     return _scale_by_lr(learning_rate, "sgd")
 
 
+@_cached
 def ngd(
     learning_rate: ScalarOrSchedule,
     *,

@@ -417,7 +417,7 @@ def train(
     params0 = params
 
     if chunk_size is None:
-        chunk_size = steps if callback is None else max(1, math.ceil(steps / 20))
+        chunk_size = max(1, steps) if callback is None else max(1, math.ceil(steps / 20))
     chunk_size = max(1, _check_int("chunk_size", chunk_size, 1))
     bounds = sorted(set(range(0, steps, chunk_size)) | set(rec) | {steps})
 

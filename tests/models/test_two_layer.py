@@ -82,8 +82,8 @@ def test_analytic_kernel_vs_monte_carlo_and_edges():
     norms = np.linalg.norm(x, axis=1)
     unit = x / np.maximum(norms, 1e-300)[:, None]
     np.testing.assert_allclose(k.ntk, _du_gram(unit) * np.outer(norms, norms), atol=1e-12)
-    # E[relu(w.x) relu(w.x')], w ~ N(0, kappa^2 I): Monte Carlo with 2^20 draws
-    w = 1.5 * np.random.default_rng(0).standard_normal((3, 2**20))
+    # E[relu(w.x) relu(w.x')], w ~ N(0, kappa^2 I): Monte Carlo with 2^19 draws
+    w = 1.5 * np.random.default_rng(0).standard_normal((3, 2**19))
     feats = np.maximum(x @ w, 0)
     mc = feats @ feats.T / w.shape[1]
     assert rel_err(k.nngp, mc) < 5e-3
