@@ -84,7 +84,9 @@ def main(out_dir: str) -> dict:
             cwd=root, env=env, capture_output=True, text=True, timeout=1800,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"bench_sharding worker with {k} devices failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"bench_sharding worker with {k} devices failed:\n{proc.stderr[-2000:]}"
+            )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
         rows.append(json.loads(line[len("RESULT "):]))
         print(f"  {k} device(s): " + ", ".join(

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from ntkexp.kernels import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 from ntkexp.sharding import (
@@ -27,76 +27,96 @@ from ntkexp.sharding import (
     sharded_vmap,
 )
 
-SCRIPT = r'''
-import json, os, sys
-import jax, jax.numpy as jnp, numpy as np
+SCRIPT = r"""
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 jax.config.update("jax_enable_x64", True)
-from ntkexp.sharding import sharded_kernel, shard_ensemble, sharded_vmap, make_mesh
+from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.kernels.cnn import cnn_kernel
-from ntkexp.models.mlp import MLPSpec, MLPApply, init_params
 from ntkexp.models.cnn import CNNSpec
-from ntkexp.empirical import empirical_ntk
+from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
+from ntkexp.sharding import shard_ensemble, sharded_kernel, sharded_vmap
+
 SLOW = sys.argv[1] == "slow"
 res = {"n_devices": len(jax.devices())}
+
+
 def md(a, b):
-    a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)) / (np.abs(np.asarray(v)).max()))) for u, v in zip(a, b))
+    # max |a - b| / max |b| over the leaves of two pytrees
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / np.abs(np.asarray(v)).max())
+               for u, v in pairs)
+
+
 x = jax.random.normal(jax.random.key(0), (10, 5), jnp.float64)
 x2 = jax.random.normal(jax.random.key(1), (7, 5), jnp.float64)
 spec = MLPSpec(depth=3, width=64, W_std=1.4, b_std=0.1)
+app = MLPApply(spec)
 f = lambda a, b: analytic_kernel(spec, a, b)
 res["analytic_cross"] = md(sharded_kernel(f, x, x2), analytic_kernel(spec, x, x2))
 ks = sharded_kernel(f, x)
 res["analytic_sym"] = md(ks, analytic_kernel(spec, x))
 res["analytic_sym_exact"] = bool(np.array_equal(np.asarray(ks.ntk), np.asarray(ks.ntk).T))
-if SLOW:
-    res["analytic_blocked"] = md(sharded_kernel(f, x, x2, block_size=2), analytic_kernel(spec, x, x2))
 res["analytic_sharded_on"] = len(ks.ntk.sharding.device_set)
 if SLOW:
-  cs = CNNSpec(depth=2, width=1, image_shape=(4, 4), readout="gap", W_std=1.4, b_std=0.1)
-  xi = jax.random.normal(jax.random.key(2), (6, 4, 4, 2), jnp.float64)
-  res["cntk_gap"] = md(sharded_kernel(lambda a, b: cnn_kernel(cs, a, b), xi), cnn_kernel(cs, xi))
-app = MLPApply(spec)
-if SLOW:
-  params = init_params(spec, 5, jax.random.key(3), jnp.float64)
-  emp = lambda a, b, p: empirical_ntk(app, p, a, b, method="jacobian")
-  res["empirical"] = md(sharded_kernel(emp, x, x2, args=(params,)), empirical_ntk(app, params, x, x2, method="jacobian"))
-# ensemble: 4 inits, 25 full-batch GD steps, vmapped
+    res["analytic_blocked"] = md(sharded_kernel(f, x, x2, block_size=2),
+                                 analytic_kernel(spec, x, x2))
+    cs = CNNSpec(depth=2, width=1, image_shape=(4, 4), readout="gap", W_std=1.4, b_std=0.1)
+    xi = jax.random.normal(jax.random.key(2), (6, 4, 4, 2), jnp.float64)
+    res["cntk_gap"] = md(sharded_kernel(lambda a, b: cnn_kernel(cs, a, b), xi),
+                         cnn_kernel(cs, xi))
+    params = init_params(spec, 5, jax.random.key(3), jnp.float64)
+    emp = lambda a, b, p: empirical_ntk(app, p, a, b, method="jacobian")
+    res["empirical"] = md(sharded_kernel(emp, x, x2, args=(params,)), emp(x, x2, params))
+
+# ensemble: 4 inits, 25 full-batch GD steps (lax.scan), vmapped over inits
 keys = jax.random.split(jax.random.key(4), 4)
 stack = jax.vmap(lambda k: init_params(spec, 5, k, jnp.float64))(keys)
 y = jnp.sin(x[:, 0])
+
+
 def train(p, x, y):
     def loss(p):
         return 0.5 * jnp.mean((app(p, x)[:, 0] - y) ** 2)
+
     def step(p, _):
-        l, g = jax.value_and_grad(loss)(p)
-        return jax.tree_util.tree_map(lambda a, b: a - 0.5 * b, p, g), l
-    p, ls = jax.lax.scan(step, p, None, length=25)
-    return p, ls
-ref = jax.jit(jax.vmap(train, in_axes=(0, None, None)))(stack, x, y)
+        val, g = jax.value_and_grad(loss)(p)
+        return jax.tree_util.tree_map(lambda a, b: a - 0.5 * b, p, g), val
+
+    return jax.lax.scan(step, p, None, length=25)
+
+
+vtrain = jax.jit(jax.vmap(train, in_axes=(0, None, None)))
+ref = vtrain(stack, x, y)
 sh = shard_ensemble(stack)
 res["ensemble_placed_on"] = len(jax.tree_util.tree_leaves(sh)[0].sharding.device_set)
-out = jax.jit(jax.vmap(train, in_axes=(0, None, None)))(sh, x, y)
+out = vtrain(sh, x, y)
 res["ensemble_gspmd"] = md(out, ref)
 res["ensemble_out_on"] = len(out[1].sharding.device_set)
 res["ensemble_shard_map"] = md(sharded_vmap(train)(stack, x, y), ref)
-if SLOW:
-  stack3 = jax.tree_util.tree_map(lambda a: a[:3], stack)
-  ref3 = jax.jit(jax.vmap(train, in_axes=(0, None, None)))(stack3, x, y)
-  res["ensemble_shard_map_uneven"] = md(sharded_vmap(train)(stack3, x, y), ref3)
 res["loss_decreased"] = bool(np.all(np.asarray(ref[1][:, -1]) < np.asarray(ref[1][:, 0])))
-# the library's own training loop (ntkexp.training.train, ensemble=True) on sharded inits
 if SLOW:
-  from ntkexp.training import train as nx_train
-  from ntkexp.optim import gd
-  r_ref = nx_train(app, stack, x, y, optimizer=gd(0.5), steps=25, ensemble=True)
-  r_sh = nx_train(app, shard_ensemble(stack), x, y, optimizer=gd(0.5), steps=25, ensemble=True)
-  res["train_losses"] = md(r_sh.losses, r_ref.losses)
-  res["train_params"] = md(r_sh.params, r_ref.params)
-  res["train_params_on"] = len(jax.tree_util.tree_leaves(r_sh.params)[0].sharding.device_set)
+    stack3 = jax.tree_util.tree_map(lambda a: a[:3], stack)
+    res["ensemble_shard_map_uneven"] = md(sharded_vmap(train)(stack3, x, y),
+                                          vtrain(stack3, x, y))
+    # the library's own training loop (ntkexp.training.train, ensemble=True)
+    from ntkexp.optim import gd
+    from ntkexp.training import train as nx_train
+
+    r_ref = nx_train(app, stack, x, y, optimizer=gd(0.5), steps=25, ensemble=True)
+    r_sh = nx_train(app, shard_ensemble(stack), x, y, optimizer=gd(0.5), steps=25,
+                    ensemble=True)
+    res["train_losses"] = md(r_sh.losses, r_ref.losses)
+    res["train_params"] = md(r_sh.params, r_ref.params)
+    res["train_params_on"] = len(jax.tree_util.tree_leaves(r_sh.params)[0].sharding.device_set)
 print("RESULT " + json.dumps(res))
-'''
+"""
 
 TOL = 1e-10
 

@@ -126,7 +126,7 @@ class CNNSpec:
             raise ValueError(f"unknown CNN readout {self.readout!r}; known: {', '.join(READOUTS)}")
         for name in ("W_std", "b_std"):
             object.__setattr__(self, name, _check_std("CNNSpec", name, getattr(self, name)))
-        self.act  # validates the activation name and its parameters
+        _ = self.act  # validates the activation name and its parameters
 
     @property
     def act(self) -> Activation:
@@ -151,7 +151,8 @@ class CNNSpec:
                 return self.replace(image_shape=(int(in_shape[0]),))
             if len(in_shape) not in (2, 3):
                 raise ValueError(
-                    f"CNN inputs need 1 or 2 spatial axes plus channels, got shape {tuple(in_shape)}"
+                    "CNN inputs need 1 or 2 spatial axes plus channels, "
+                    f"got shape {tuple(in_shape)}"
                 )
             return self.replace(image_shape=tuple(int(s) for s in in_shape[:-1]))
         _check_int("CNN", "in_dim", in_shape, minimum=1)
@@ -239,7 +240,9 @@ def as_images(spec: CNNSpec, x, c_in: int | None = None) -> Array:
             f"{spec.n_positions} * C) for image_shape {spec.image_shape}, got {tuple(x.shape)}"
         )
     if c_in is not None and out.shape[-1] != c_in:
-        raise ValueError(f"CNN inputs have {out.shape[-1]} channels but the parameters expect {c_in}")
+        raise ValueError(
+            f"CNN inputs have {out.shape[-1]} channels but the parameters expect {c_in}"
+        )
     return out
 
 
@@ -282,7 +285,9 @@ class CNNApply:
         spec = self.spec
         convs = params["convs"]
         if len(convs) != spec.depth:
-            raise ValueError(f"params have {len(convs)} conv layers but the spec needs {spec.depth}")
+            raise ValueError(
+                f"params have {len(convs)} conv layers but the spec needs {spec.depth}"
+            )
         ro = params["readout"]
         c_in = convs[0]["W"].shape[-2] if spec.depth else None
         a = as_images(spec, x, c_in).astype(ro["W"].dtype)

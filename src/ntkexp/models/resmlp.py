@@ -70,7 +70,7 @@ class ResMLPSpec:
         _check_int("ResMLPSpec", "out_dim", self.out_dim, minimum=1)
         for name in ("alpha", "W_std", "b_std"):
             object.__setattr__(self, name, _check_std("ResMLPSpec", name, getattr(self, name)))
-        self.act
+        _ = self.act  # validates the activation name and its parameters
 
     @property
     def act(self) -> Activation:
@@ -101,7 +101,9 @@ class ResMLPApply:
         spec = self.spec
         blocks = params["blocks"]
         if len(blocks) != spec.depth:
-            raise ValueError(f"params have {len(blocks)} residual blocks but the spec needs {spec.depth}")
+            raise ValueError(
+                f"params have {len(blocks)} residual blocks but the spec needs {spec.depth}"
+            )
         d = params["inp"]["W"].shape[0]
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != d:
