@@ -128,3 +128,17 @@ def test_default_run_dir():
     assert default_run_dir("configs/jacot_fig1.yaml", "cpu") == os.path.join(
         "runs", "jacot_fig1-cpu")
     assert default_run_dir("a/b.yml", None) == os.path.join("runs", "b")
+
+
+def test_atomic_write_keeps_old_file_on_failure_and_normal_mode(tmp_path):
+    from ntkexp import io
+
+    path = str(tmp_path / "x.json")
+    io.write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(path) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("killed")
+    assert io.read_json(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["x.json"]      # no temporary left
+    assert os.stat(path).st_mode & 0o044            # readable by others, like open()
