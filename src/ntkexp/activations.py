@@ -219,6 +219,45 @@ class AngularDual:
         j_abs = (2 * jnp.sin(t) + (jnp.pi - 2 * t) * jnp.cos(t)) / jnp.pi
         return self.sigma**2 * 2 * jnp.cos(t / 2) ** 2 + self.delta**2 * (1 + j_abs)
 
+    def from_gaps(self, e: Array, f: Array) -> tuple[Array, Array, Array, Array]:
+        """``(J, Jdot, jm, jp)`` at the angle with gaps ``e = s - c``, ``f = s + c``.
+
+        The same functions as :meth:`J`, :meth:`Jdot`, :meth:`jm`, :meth:`jp`,
+        but with ``sin``/``cos`` of the angle and half-angle taken algebraically
+        from the gaps (``cos t = (f-e)/(f+e)``, ``sin t = 2 sqrt(ef)/(e+f)``,
+        ``sin^2(t/2) = e/(e+f)``) and ``t``, ``pi - t`` from two ``atan2``: the
+        fast path of the analytic recursion, exact at both edges.
+        """
+        e = jnp.maximum(e, 0.0)
+        f = jnp.maximum(f, 0.0)
+        tot = e + f
+        inv = 1.0 / jnp.where(tot > 0, tot, 1.0)
+        zero = tot <= 0  # both norms zero: treat as theta = 0
+        sh2 = jnp.where(zero, 0.0, e * inv)  # sin^2(t/2)
+        ch2 = jnp.where(zero, 1.0, f * inv)  # cos^2(t/2)
+        cos = ch2 - sh2
+        sin = 2 * safe_sqrt(e * f) * inv
+        # one atan2 for the smaller of t and pi - t (in [0, pi/2]); the other by subtraction
+        lo = e <= f  # t <= pi/2
+        re, rf = safe_sqrt(e), safe_sqrt(f)
+        u = 2 * jnp.arctan2(jnp.minimum(re, rf), jnp.maximum(re, rf))  # min(t, pi - t)
+        t = jnp.where(lo, u, jnp.pi - u)
+        tc = jnp.where(lo, jnp.pi - u, u)
+        cos_u = jnp.abs(cos)
+        small = u < 0.5
+        f_u = jnp.where(small, _f_small(jnp.where(small, u, 0.0)), sin - u * cos_u)
+        s2, d2 = self.sigma**2, self.delta**2
+        j_abs_lo = (2 * sin + (jnp.pi - 2 * t) * cos) / jnp.pi
+        J = jnp.where(lo, s2 * cos + d2 * j_abs_lo, (d2 - s2) * cos_u + 2 * d2 * f_u / jnp.pi)
+        Jdot = jnp.where(lo, s2 + d2 * (jnp.pi - 2 * t) / jnp.pi, (s2 - d2) + 2 * d2 * tc / jnp.pi)
+        h_abs = 2 * jnp.pi * jnp.minimum(sh2, ch2) - 2 * f_u
+        jm = s2 * 2 * sh2 + d2 * h_abs / jnp.pi
+        # 1 + J_abs = (pi + 2 sin t + (pi - 2t) cos t) / pi, all terms >= 0 for t <= pi/2;
+        # for t > pi/2, J_abs = 2 f(tc)/pi + cos(tc) >= 0.
+        one_p_jabs = jnp.where(lo, 1 + j_abs_lo, 1 + 2 * f_u / jnp.pi + cos_u)
+        jp = s2 * 2 * ch2 + d2 * one_p_jabs
+        return J, Jdot, jm, jp
+
     def T(self, q1: Array, c: Array, q2: Array) -> Array:
         s, e, f = gaps(q1, c, q2)
         return s * self.J(angle_from_gaps(e, f), angle_from_gaps(f, e))

@@ -44,14 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ntkexp.activations import Activation, angle_from_gaps, safe_sqrt
+from ntkexp.activations import Activation, safe_sqrt
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import DEFAULT_DEGREE, DEFAULT_NODES, NumericalDual
 from ntkexp.models.mlp import MLPSpec
 
 Array = jax.Array
 
-DEFAULT_BLOCK = 512
+DEFAULT_BLOCK = 256
 # Pairwise-difference angles are used automatically up to this input dimension.
 EXACT_ANGLE_MAX_DIM = 64
 _HP = lax.Precision.HIGHEST
@@ -131,17 +131,17 @@ def _tile(spec: MLPSpec, x1, x2, q1s, q2s, exact: bool, degree: int, nodes: int)
         f = br + a * rr * dp / 2 + 2 * b2
         A = w2 * ang.j0
         for h in range(spec.depth):
-            th, thc = angle_from_gaps(e, f), angle_from_gaps(f, e)
-            sJ = s * ang.J(th, thc)
+            J, Jdot, jm, jp = ang.from_gaps(e, f)
+            sJ = s * J
             c = w2 * sJ + b2
             top = (width * sJ + bias1) if std else c
-            ntk = top + w2 * ang.Jdot(th, thc) * ntk
+            ntk = top + w2 * Jdot * ntk
             if h + 1 < spec.depth:
                 rq1, rq2 = safe_sqrt(q1s[h]), safe_sqrt(q2s[h])
                 s_new = safe_sqrt(q1s[h + 1][:, None] * q2s[h + 1][None, :])
                 br = A * b2 * (rq1[:, None] - rq2[None, :]) ** 2 / (s_new + A * s + b2 + (s_new == 0))
-                e = br + w2 * s * ang.jm(th)
-                f = br + w2 * s * ang.jp(th) + 2 * b2
+                e = br + w2 * s * jm
+                f = br + w2 * s * jp + 2 * b2
                 s = s_new
         return c, ntk
     nd = NumericalDual(act, degree, nodes)
@@ -212,7 +212,8 @@ def _mirror_upper(k: Array) -> Array:
     (``(k + k.T) / 2`` is not reliably symmetric after XLA fusion, which may
     recompute entries ``(i, j)`` and ``(j, i)`` with different roundings.)
     """
-    r = jnp.arange(k.shape[0])
+    # the barrier stops XLA from constant-folding an n x n mask (minutes of compile)
+    r = lax.optimization_barrier(jnp.arange(k.shape[0]))
     upper = r[:, None] <= r[None, :]
     return jnp.where(upper, k, k.T)
 
@@ -254,7 +255,7 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
         exactly symmetric: upper tiles are computed and mirrored).
       block_size: tile size; the pairs are computed in ``block_size^2`` tiles
         inside one ``lax.scan`` so memory is ``O(n1 n2)`` for the result plus
-        ``O(block_size^2)`` work space (default 512; n = 20000 in float32 needs
+        ``O(block_size^2)`` work space (default 256; n = 20000 in float32 needs
         ~3.2 GB for the two outputs).
       exact_angles: for relu-like activations, compute the first-layer angle
         from pairwise differences of the normalised inputs (full precision for
