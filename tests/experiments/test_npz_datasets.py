@@ -61,7 +61,7 @@ def _run(cfg, preset, out, overrides):
 
 def test_npz_arora(tmp_path):
     f = tmp_path / "blobs.npz"
-    xtr, ids, _, ids_te = _blobs(f)
+    xtr, ids, _, _ = _blobs(f)
     s, r = _run("arora2019_finegrained", "tiny", tmp_path / "run", [
         "data.name=npz", f"data.path={f}", "data.dim=6", "data.n_train=60",
         "params.positive_classes=[0]", "model.width=[20, 200]", "train.steps=40",

@@ -306,7 +306,7 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.theory import generalization_bound, gd_loss_curve, ntk_predict
+    from ntkexp.theory import gd_loss_curve, generalization_bound, ntk_predict
 
     task = Task(cfg, data)
     x, dt = task.x, task.dtype
