@@ -135,8 +135,8 @@ def test_linearised_net_tracks_trained_net_better_as_width_grows():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opt, mode", [("gd", "vmap"), ("gd", "unroll"), ("sgd", "unroll"),
-                                       ("ngd", "vmap")])
+@pytest.mark.parametrize("opt, mode", [("gd", "vmap"), ("gd", "unroll"), ("gd", "sequential"),
+                                       ("sgd", "sequential"), ("ngd", "vmap")])
 def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
     spec = MLPSpec(depth=2, width=16, b_std=0.0)
     f = MLPApply(spec)
@@ -149,7 +149,7 @@ def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
     elif opt == "sgd":
         tx, kw["batch_size"] = sgd(0.5), 4
     else:
-        tx = ngd(0.3, damping=1e-3)
+        tx = ngd(0.3, damping=0.1)  # well conditioned, so f32 rounding is not amplified
     ens = train(f, ps, x, y, optimizer=tx, ensemble=True, ensemble_mode=mode, **kw)
     assert ens.losses.shape == (10, 11)
     for i in range(10):

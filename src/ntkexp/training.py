@@ -37,6 +37,8 @@ from ntkexp.empirical import empirical_ntk
 
 Array = jax.Array
 LOSS_REDUCTIONS = ("mean", "sum")
+ENSEMBLE_MODES = ("auto", "vmap", "unroll", "sequential")
+_SEQUENTIAL_BYTES = 1 << 20
 
 
 class DivergenceError(FloatingPointError):
@@ -137,7 +139,7 @@ class _Config(NamedTuple):
     replace: bool
     ensemble: bool
     key_per_member: bool
-    unroll_members: bool = False
+    unroll_members: str = "vmap"  # ensemble layout: "vmap", "unroll" or "sequential"
 
 
 def _loss(cfg: _Config, f, p, xb, yb):
@@ -194,8 +196,8 @@ def _single_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y,
 def _unrolled_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
     """Ensemble members as separate carries of one scan (no batched matmuls).
 
-    On XLA:CPU a vmapped dot of many small matrices is much slower than the
-    same dots issued one by one, so small ensembles are unrolled over members.
+    On XLA:CPU a vmapped dot of many small matrices can be slower than the
+    same dots issued one by one (measured up to 1.8x at width 50, noisy).
     """
     K = jax.tree_util.tree_leaves(p_tr)[0].shape[0]
 
@@ -220,10 +222,23 @@ def _unrolled_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, 
     return p_tr, opt_state, losses.T
 
 
+def _sequential_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+    """Members one after another (``lax.map``): one member's working set stays in cache."""
+
+    def one(args):
+        p, s, fr, k = args
+        return _single_chunk(cfg, length, p, s, fr, k if cfg.key_per_member else key, x, y, start)
+
+    keys = key if cfg.key_per_member else jnp.zeros(jax.tree_util.tree_leaves(p_tr)[0].shape[:1])
+    return jax.lax.map(one, (p_tr, opt_state, frozen, keys))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "length"))
 def _run_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
-    if cfg.ensemble and cfg.unroll_members:
+    if cfg.ensemble and cfg.unroll_members == "unroll":
         return _unrolled_chunk(cfg, length, p_tr, opt_state, frozen, key, x, y, start)
+    if cfg.ensemble and cfg.unroll_members == "sequential":
+        return _sequential_chunk(cfg, length, p_tr, opt_state, frozen, key, x, y, start)
     fn = functools.partial(_single_chunk, cfg, length)
     if cfg.ensemble:
         fn = jax.vmap(fn, in_axes=(0, 0, 0, 0 if cfg.key_per_member else None, None, None, None))
@@ -327,11 +342,14 @@ def train(
         twentieth of them when a callback is given).
       replace: mini-batches with replacement (default: without, epoch-wise
         permutations, a remainder smaller than ``batch_size`` is dropped).
-      ensemble_mode: how an ensemble is laid out in the compiled step:
-        ``"vmap"`` (batched), ``"unroll"`` (members as separate carries of one
-        scan: faster on CPU, where batched small matmuls are slow) or
-        ``"auto"`` (unroll on CPU for K <= 16, else vmap). Results agree to
-        rounding.
+      ensemble_mode: how an ensemble is laid out in the compiled program:
+        ``"vmap"`` (batched matmuls; best on accelerators), ``"unroll"``
+        (members as separate carries of one scan: on CPU batched small
+        matmuls are slow), ``"sequential"`` (``lax.map`` over members, each
+        runs all its steps: one member's weights stay in cache) or ``"auto"``
+        (vmap, except on CPU when a member has over 1 MiB of parameters:
+        sequential, measured 2.5x faster than vmap/unroll at width 1000).
+        All give the same numbers to rounding.
 
     Returns:
       A :class:`TrainResult`.
@@ -400,12 +418,18 @@ def train(
     if ensemble and not key_per_member and jnp.ndim(key) == 2:  # raw uint32 keys (K, 2)
         key_per_member = True
 
-    if ensemble_mode not in ("auto", "vmap", "unroll"):
-        raise ValueError(f"ensemble_mode must be 'auto', 'vmap' or 'unroll', got {ensemble_mode!r}")
-    unroll = bool(ensemble) and (
-        ensemble_mode == "unroll"
-        or (ensemble_mode == "auto" and K <= 16 and jax.default_backend() == "cpu")
-    )
+    if ensemble_mode not in ENSEMBLE_MODES:
+        raise ValueError(
+            f"ensemble_mode must be one of {', '.join(ENSEMBLE_MODES)}, got {ensemble_mode!r}"
+        )
+    unroll = ensemble_mode
+    if ensemble_mode == "auto":
+        unroll = "vmap"
+        if ensemble and jax.default_backend() == "cpu":
+            member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // K
+            # interleaving members streams K working sets through the cache every step;
+            # beyond a few MB per member, finishing one member at a time is faster
+            unroll = "sequential" if member_bytes > _SEQUENTIAL_BYTES else "vmap"
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
@@ -445,7 +469,7 @@ def train(
             v, where = chunk[s], ""
         raise DivergenceError(
             f"training diverged at step {first_step + s}: loss = {v}{where}; "
-            "lower the learning rate"
+            "lower the learning rate (for ngd, or add damping)"
         )
 
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
