@@ -271,9 +271,9 @@ class ModelConfig:
 
     def spec(self, width: int):
         """The architecture's frozen spec (e.g. ``MLPSpec``) at one ``width``."""
-        from ntkexp.models import ARCHITECTURES
-
         import inspect
+
+        from ntkexp.models import ARCHITECTURES
 
         arch = ARCHITECTURES.get(self.arch)
         kw = dict(depth=self.depth, width=int(width), activation=self.activation,
