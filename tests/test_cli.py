@@ -12,14 +12,6 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 FIG1 = os.path.join(ROOT, "configs", "jacot_fig1.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _allow_bias_broadcast():
-    # models/mlp.py adds the bias as (n, w) + (w,), which conftest's rank-promotion
-    # guard rejects; reported to its owner. The CLI itself runs with JAX's default.
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 def tiny_dict(**top):
     d = yaml.safe_load(open(FIG1))
     d.update(top)

@@ -26,23 +26,14 @@ CONFIGS = {name: os.path.join(ROOT, "configs", f"{name}.yaml")
            for name in ("jacot_fig1", "jacot_fig2")}
 
 
-@pytest.fixture(autouse=True)
-def _allow_bias_broadcast():
-    # models/mlp.py adds the bias as (n, w) + (w,), which conftest's rank-promotion
-    # guard rejects; reported to its owner. The CLI itself runs with JAX's default.
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Both configs' tiny presets run once through the CLI, in process."""
     out = {}
-    with jax.numpy_rank_promotion("allow"):
-        for name, path in CONFIGS.items():
-            d = str(tmp_path_factory.mktemp(name) / "run")
-            assert main(["run", path, "--preset", "tiny", "--out", d, "--quiet"]) == 0
-            out[name] = d
+    for name, path in CONFIGS.items():
+        d = str(tmp_path_factory.mktemp(name) / "run")
+        assert main(["run", path, "--preset", "tiny", "--out", d, "--quiet"]) == 0
+        out[name] = d
     return out
 
 
