@@ -8,11 +8,26 @@ Public API (stable)::
     model = nx.MLP(spec, in_dim=d, rngs=nnx.Rngs(0))
     apply_fn, params = nx.functional(model)
     K = nx.empirical_ntk(apply_fn, params, x1)     # (n1, n2)
+    res = nx.train(apply_fn, params, x, y, optimizer=nx.optim.gd(1.0), steps=200)
+
+Config-driven runs (``nx.load_config``, ``nx.run``) and the experiment, dataset
+and plotting layers are imported lazily, so ``import ntkexp`` stays light.
 """
 
+from ntkexp import optim, theory
 from ntkexp.activations import ACTIVATIONS, Activation, get_activation, register_activation
-from ntkexp.empirical import empirical_ntk
-from ntkexp.kernels import Kernel, analytic_kernel
+from ntkexp.empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
+from ntkexp.kernels import (
+    Kernel,
+    analytic_kernel,
+    arora_ntk,
+    c_sigma,
+    du_gram,
+    fit_decay_exponent,
+    lipschitz_constant_prop9,
+    mercer_eigenvalues,
+    two_layer_relu_ntk_sphere,
+)
 from ntkexp.models import (
     ARCHITECTURES,
     MLP,
@@ -22,22 +37,84 @@ from ntkexp.models import (
     init_params,
     register_architecture,
 )
+from ntkexp.optim import OPTIMIZERS, gd, ngd, sgd
+from ntkexp.theory import (
+    generalization_bound,
+    gradient_flow,
+    kernel_drift,
+    kernel_regression,
+    lambda_min,
+    linearize,
+    max_weight_distance,
+    ntk_gp,
+    pattern_flip_fraction,
+)
+from ntkexp.training import DivergenceError, TrainResult, init_ensemble, train
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load_config": ("ntkexp.config", "load"),
+    "run": ("ntkexp.experiments", "run"),
+    "EXPERIMENTS": ("ntkexp.experiments", "EXPERIMENTS"),
+    "register_experiment": ("ntkexp.experiments", "register_experiment"),
+    "DATASETS": ("ntkexp.data", "DATASETS"),
+    "register_dataset": ("ntkexp.data", "register_dataset"),
+    "load_dataset": ("ntkexp.data", "load_dataset"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'ntkexp' has no attribute {name!r}")
+
 
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
     "MLP",
+    "OPTIMIZERS",
     "Activation",
+    "DivergenceError",
     "Kernel",
     "MLPApply",
     "MLPSpec",
+    "TrainResult",
     "analytic_kernel",
+    "arora_ntk",
+    "c_sigma",
+    "du_gram",
+    "empirical_nngp",
     "empirical_ntk",
+    "fit_decay_exponent",
     "functional",
+    "gd",
+    "generalization_bound",
     "get_activation",
+    "gradient_flow",
+    "init_ensemble",
     "init_params",
+    "kernel_drift",
+    "kernel_regression",
+    "lambda_min",
+    "linearize",
+    "lipschitz_constant_prop9",
+    "max_weight_distance",
+    "mercer_eigenvalues",
+    "monte_carlo_kernel",
+    "ngd",
+    "ntk_gp",
+    "optim",
+    "pattern_flip_fraction",
     "register_activation",
     "register_architecture",
+    "sgd",
+    "theory",
+    "train",
+    "two_layer_relu_ntk_sphere",
+    *_LAZY,
 ]
