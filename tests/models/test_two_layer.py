@@ -103,3 +103,14 @@ def test_registered_and_validated():
         TwoLayerSpec(width=4, kappa=-1.0)
     with pytest.raises(ValueError, match="inputs must have shape"):
         apply_fn(params, jnp.ones((2, 4)))
+
+
+def test_analytic_ntk_agrees_with_kernels_du_gram(dtype, tol):
+    """Independent implementation (general recursion in ntkexp.kernels) on arbitrary norms."""
+    from ntkexp.kernels import du_gram
+
+    x = jax.random.normal(jax.random.key(8), (7, 4), dtype)
+    x2 = jax.random.normal(jax.random.key(9), (5, 4), dtype)
+    spec = TwoLayerSpec(3)
+    assert rel_err(two_layer_kernel(spec, x).ntk, du_gram(x)) < 10 * tol["exact"]
+    assert rel_err(two_layer_kernel(spec, x, x2).ntk, du_gram(x, x2)) < 10 * tol["exact"]
