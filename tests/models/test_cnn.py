@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOL, rel_err
 from flax import nnx
 
+from conftest import rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.kernels.cnn import cnn_kernel
@@ -68,9 +68,8 @@ def _np_one_layer_cntk(x1, x2, q, w_std, b_std, readout):
 # ---------------------------------------------------------------- analytic
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("shape", "q"), [((6,), 2), ((4, 4), 3)])  # even q: lopsided padding
 @pytest.mark.parametrize("readout", ["gap", "vec"])
-@pytest.mark.parametrize("q", [2, 3])
 def test_one_layer_matches_explicit_patches(shape, readout, q, dtype, tol):
     """Depth 1 against patch vectors built by hand (checks padding and the 1/P scaling)."""
     x1 = _images(jax.random.key(0), 3, shape, 2, dtype)
@@ -250,15 +249,19 @@ def test_nngp_monte_carlo(readout):
 
 
 def _errors(spec, x, widths, seeds):
+    """Root-mean-square (over seeds) relative Frobenius error of the empirical NTK per width."""
     k = cnn_kernel(spec, x).ntk
     errs = []
     for w in widths:
         s = spec.replace(width=w)
-        e = []
-        for seed in range(seeds):
-            p = init_cnn_params(s, x.shape[1:], jax.random.key(100 + seed), x.dtype)
-            e.append(rel_err(empirical_ntk(CNNApply(s), p, x, method="jacobian"), k))
-        errs.append(np.mean(e))
+
+        def sq_err(key, s=s):
+            p = init_cnn_params(s, x.shape[1:], key, x.dtype)
+            return jnp.sum((empirical_ntk(CNNApply(s), p, x, method="jacobian") - k) ** 2)
+
+        keys = jax.random.split(jax.random.key(100 + w), seeds)
+        mse = np.mean(np.asarray(jax.lax.map(jax.jit(sq_err), keys)))
+        errs.append(np.sqrt(mse) / np.linalg.norm(np.asarray(k)))
     return np.array(errs)
 
 
@@ -270,14 +273,39 @@ def test_empirical_converges_fast():
     assert e[1] < e[0] / 2 and e[1] < 0.2
 
 
+CASES = [((6,), "gap"), ((6,), "vec"), ((4, 4), "gap"), ((4, 4), "vec")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("shape", "readout"), [((6,), "gap"), ((6,), "vec"), ((4, 4), "gap"),
-                                                ((4, 4), "vec")])
-def test_empirical_convergence_rate(shape, readout):
-    """Relative Frobenius error vs width: fitted log-log slope in [-0.65, -0.35]."""
-    x = _images(jax.random.key(12), 3, shape, 2, jnp.float64)
-    spec = CNNSpec(depth=2, width=1, image_shape=shape, readout=readout, W_std=1.4, b_std=0.2)
+@pytest.mark.parametrize(("shape", "readout"), CASES)
+def test_empirical_convergence_rate_one_layer(shape, readout):
+    """One conv layer: RMS relative error vs width, fitted log-log slope in [-0.65, -0.35].
+
+    With one hidden layer the empirical NTK is a mean of iid per-channel terms
+    whose expectation is exactly the analytic CNTK, so E||error||^2 = c / n and
+    the RMS slope is -1/2 (up to Monte Carlo noise over the 64 seeds; the
+    squared error is heavy-tailed, so fewer seeds give slopes off by ~0.1).
+    """
+    x = _images(jax.random.key(12), 5, shape, 2, jnp.float64)
+    spec = CNNSpec(depth=1, width=1, image_shape=shape, readout=readout, W_std=1.4, b_std=0.2)
     widths = [32, 64, 128, 256]
-    e = _errors(spec, x, widths, 6)
+    e = _errors(spec, x, widths, 64)
+    slope = np.polyfit(np.log(widths), np.log(e), 1)[0]
+    assert -0.65 <= slope <= -0.35, (slope, e)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shape", "readout"), CASES)
+def test_empirical_convergence_rate_two_layers(shape, readout):
+    """Two conv layers: RMS relative error vs width, fitted slope in [-0.65, -0.35].
+
+    Deeper nets add an O(1/n) bias (E||error||^2 = a/n + b/n^2), which can
+    steepen the slope at small widths (measured with 24 seeds: about -0.50 in
+    1-D, -0.61 .. -0.63 in 2-D); a wrong limit would flatten it towards 0.
+    """
+    x = _images(jax.random.key(12), 4, shape, 2, jnp.float64)
+    spec = CNNSpec(depth=2, width=1, image_shape=shape, readout=readout, W_std=1.4, b_std=0.2)
+    widths = [64, 128, 256] if len(shape) == 2 else [64, 128, 256, 512]
+    e = _errors(spec, x, widths, 24)
     slope = np.polyfit(np.log(widths), np.log(e), 1)[0]
     assert -0.65 <= slope <= -0.35, (slope, e)

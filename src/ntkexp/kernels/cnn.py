@@ -64,17 +64,17 @@ def _patch_mean(spec: CNNSpec, a: Array, groups: int) -> Array:
     return out / spec.patch_size
 
 
-def _self_variances(spec: CNNSpec, x: Array) -> list[Array]:
-    """Per-position pre-activation variances ``Sigma^h_ii(x, x)``: list of ``(n, *image_shape)``."""
+def _self_variances(spec: CNNSpec, x: Array) -> Array:
+    """Per-position pre-activation variances ``Sigma^h_ii(x, x)``: ``(depth, n, *image_shape)``."""
     act = spec.act
     w2, b2 = spec.W_std**2, spec.b_std**2
-    k_prev = jnp.sum(x * x, axis=-1) / x.shape[-1]  # K^0_ii
-    out = []
-    for _ in range(spec.depth):
+
+    def layer(k_prev, _):
         q = w2 * _patch_mean(spec, k_prev[:, None], 1)[:, 0] + b2
-        out.append(q)
-        k_prev = act.T(q, q, q)
-    return out
+        return act.T(q, q, q), q
+
+    k0 = jnp.sum(x * x, axis=-1) / x.shape[-1]  # K^0_ii
+    return jax.lax.scan(layer, k0, None, length=spec.depth)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "full", "sym"))
@@ -107,15 +107,17 @@ def _cnn_kernel(spec: CNNSpec, x1: Array, x2: Array, full: bool, sym: bool) -> K
             return q[None, :]
 
     groups = 2 if full else 1
-    kd_theta = None
-    for h in range(spec.depth):
+
+    def layer(carry, qs):
+        # one conv layer + activation (lax.scan: compiled once for any depth);
+        # kd_theta = 0 before the first layer, so theta = sigma there, exactly
+        K, kd_theta = carry
         sigma = w2 * _patch_mean(spec, K, groups) + b2
-        theta = sigma if kd_theta is None else sigma + w2 * _patch_mean(spec, kd_theta, groups)
-        Q1, Q2 = bq1(q1s[h]), bq2(q2s[h])
-        K = act.T(Q1, sigma, Q2)
-        kd_theta = act.Tdot(Q1, sigma, Q2) * theta
-    if kd_theta is None:
-        kd_theta = jnp.zeros_like(K)
+        theta = sigma + w2 * _patch_mean(spec, kd_theta, groups)
+        Q1, Q2 = bq1(qs[0]), bq2(qs[1])
+        return (act.T(Q1, sigma, Q2), act.Tdot(Q1, sigma, Q2) * theta), None
+
+    (K, kd_theta), _ = jax.lax.scan(layer, (K, jnp.zeros_like(K)), (q1s, q2s))
     if spec.readout == "vec":
         if full:
             n1, n2 = K.shape[:2]
