@@ -309,3 +309,12 @@ def test_empirical_convergence_rate_two_layers(shape, readout):
     e = _errors(spec, x, widths, 24)
     slope = np.polyfit(np.log(widths), np.log(e), 1)[0]
     assert -0.65 <= slope <= -0.35, (slope, e)
+
+
+@pytest.mark.parametrize("b_std", [0.0, 0.1])
+def test_gradients_finite_at_edges(b_std):
+    """d(kernel)/dx has no NaN with a zero image and cos = 1 on the diagonal (arccos edge)."""
+    x = _images(jax.random.key(15), 3, (4, 4), 2, jnp.float64).at[1].set(0.0)
+    spec = CNNSpec(depth=2, width=1, image_shape=(4, 4), W_std=1.4, b_std=b_std)
+    g = jax.grad(lambda z: jnp.sum(cnn_kernel(spec, z).ntk) + jnp.sum(cnn_kernel(spec, z).nngp))(x)
+    assert np.all(np.isfinite(np.asarray(g)))

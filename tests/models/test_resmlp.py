@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 from flax import nnx
 
+from conftest import rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.kernels.resmlp import resmlp_kernel
@@ -143,3 +143,12 @@ def test_empirical_convergence_rate():
     e = _errors(widths, 8)
     slope = np.polyfit(np.log(widths), np.log(e), 1)[0]
     assert -0.65 <= slope <= -0.35, (slope, e)
+
+
+@pytest.mark.parametrize("b_std", [0.0, 0.1])
+def test_gradients_finite_at_edges(b_std):
+    """d(kernel)/dx has no NaN with a zero input and cos = 1 on the diagonal (arccos edge)."""
+    x = _x(jax.random.key(8), 3, 4, jnp.float64).at[1].set(0.0)
+    spec = ResMLPSpec(depth=2, width=1, alpha=0.5, W_std=1.4, b_std=b_std)
+    g = jax.grad(lambda z: jnp.sum(resmlp_kernel(spec, z).ntk))(x)
+    assert np.all(np.isfinite(np.asarray(g)))
