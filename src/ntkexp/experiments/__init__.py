@@ -2,17 +2,13 @@
 
 Built in: ``jacot_fig1`` (NTK convergence and stability during training,
 Jacot et al. 2018, Fig. 1) and ``jacot_fig2`` (trained functions against the
-limiting Gaussian, Fig. 2), ``du2019_fig1`` and ``zhang2019_ngd`` (issue 6).
-A plugin module registers more with
-:func:`register_experiment`.
+limiting Gaussian, Fig. 2), ``arora2019_finegrained``, ``du2019_fig1``,
+``zhang2019_ngd``, ``bietti2019_spectrum``, ``lee2020_finite_vs_infinite``
+(issue 6) and ``kernel_convergence`` (empirical NTK vs its limit for any
+registered architecture, issue 7). A plugin module registers more with
+:func:`register_experiment` (see ``docs/extending.md``).
 """
 
-from ntkexp.experiments import (  # noqa: F401  (registration)
-    du2019,
-    jacot_fig1,
-    jacot_fig2,
-    zhang2019,
-)
 from ntkexp.experiments.base import (
     EXPERIMENTS,
     Experiment,
@@ -21,6 +17,16 @@ from ntkexp.experiments.base import (
     UserError,
     register_experiment,
     run,
+)
+
+from ntkexp.experiments import (  # noqa: E402, F401, I001  (registration)
+    arora2019,
+    bietti2019,
+    du2019,
+    jacot_fig1,
+    jacot_fig2,
+    lee2020,
+    zhang2019,
 )
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunResult", "Unit", "UserError",

@@ -1,4 +1,11 @@
-"""Architectures: Flax NNX modules and the architecture registry."""
+"""Architectures: Flax NNX modules and the architecture registry.
+
+Built in (names used as ``model.arch`` in a config): ``mlp``
+(:mod:`ntkexp.models.mlp`), ``two_layer_relu`` (:mod:`ntkexp.models.two_layer`),
+``cnn`` (:mod:`ntkexp.models.cnn`) and ``resmlp`` (:mod:`ntkexp.models.resmlp`),
+each with its analytic infinite-width kernel. A plugin registers more with
+:func:`register_architecture` (see ``docs/extending.md``).
+"""
 
 from ntkexp.models.mlp import MLP, MLPApply, MLPSpec, functional, init_params
 from ntkexp.models.registry import ARCHITECTURES, register_architecture
@@ -25,3 +32,8 @@ def _mlp_analytic(spec: MLPSpec, x1, x2=None):
 
 
 register_architecture("mlp", make_spec=MLPSpec, analytic=_mlp_analytic)(_build_mlp)
+
+
+# The other built-in architectures register themselves on import (after "mlp",
+# so that ntkexp.kernels, which imports ntkexp.models.mlp, finds it complete).
+from ntkexp.models import cnn, resmlp, two_layer  # noqa: E402, F401, I001  (registration)
