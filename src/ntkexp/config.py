@@ -25,6 +25,7 @@ over dataclasses: field types come from the annotations, bounds from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -93,6 +94,10 @@ def _convert(value, tp, where: str):
     """Check ``value`` against the annotation ``tp``; return the frozen value."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return _freeze(value)
+    if tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         return _freeze(value)
     if tp is type(None):
         if value is None:
@@ -240,7 +245,21 @@ def _pos(**extra):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Network section. ``width`` may be a list: a sweep over widths."""
+    """Network section. ``width`` may be a list: a sweep over widths.
+
+    The keys are those of the architecture's spec (``make_spec`` of
+    ``ntkexp.models.ARCHITECTURES[arch]``, e.g. ``MLPSpec``, ``TwoLayerSpec``,
+    ``CNNSpec``): the common ones below are typed fields; every other field of
+    the spec (``kappa`` of ``two_layer_relu``, ``readout`` of ``cnn``, ``alpha``
+    of ``resmlp``, a plugin's own keys) lands in ``extra`` and reads as an
+    attribute (``cfg.model.kappa``). A key the architecture's spec does not take
+    is an error naming it; a common key left out takes the spec's own default.
+    Build the config with :func:`model_from_dict` (``resolve`` does).
+
+    Attributes:
+      extra: the architecture-specific keys given in the config.
+      given: the keys written in the config (internal; not saved).
+    """
 
     arch: str = "mlp"
     depth: int = dataclasses.field(default=3, metadata={"min": 0})
@@ -252,40 +271,177 @@ class ModelConfig:
     b_std: float = dataclasses.field(default=0.0, metadata={"min": 0})
     parameterization: Literal["ntk", "standard"] = "ntk"
     out_dim: int = dataclasses.field(default=1, metadata={"min": 1})
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    given: tuple[str, ...] = ()
+
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra") or {}
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"model config has no key {name!r}")
 
     def check(self):
-        from ntkexp.activations import ACTIVATIONS
         from ntkexp.models import ARCHITECTURES
 
-        for key, reg, name in (("arch", ARCHITECTURES, self.arch),
-                               ("activation", ACTIVATIONS, self.activation)):
-            try:
-                reg.get(name)
-            except RegistryError as e:
-                raise _bad(key, str(e)) from None
+        try:
+            ARCHITECTURES.get(self.arch)
+        except RegistryError as e:
+            raise _bad("arch", str(e)) from None
 
     @property
     def widths(self) -> tuple[int, ...]:
         """The swept widths (a 1-tuple when ``width`` is one number)."""
         return self.width if isinstance(self.width, tuple) else (self.width,)
 
+    def to_dict(self) -> dict:
+        """The section as plain data, flat: ``arch``, ``width``, the common keys the
+        architecture takes (or that were given) and the ``extra`` keys."""
+        from ntkexp.models import ARCHITECTURES
+
+        try:
+            accepted, _, open_kw = spec_fields(ARCHITECTURES.get(self.arch).make_spec)
+        except RegistryError:  # a plugin not imported: keep every key
+            accepted, open_kw = {}, True
+        d = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)
+             if f.name not in ("extra", "given")
+             and (f.name in ("arch", "width") or f.name in accepted
+                  or (open_kw and f.name in self.given))}
+        d.update({k: to_dict(v) for k, v in self.extra.items()})
+        return d
+
     def spec(self, width: int):
         """The architecture's frozen spec (e.g. ``MLPSpec``) at one ``width``."""
-        import inspect
-
         from ntkexp.models import ARCHITECTURES
 
         arch = ARCHITECTURES.get(self.arch)
-        kw = dict(depth=self.depth, width=int(width), activation=self.activation,
-                  W_std=self.W_std, b_std=self.b_std, parameterization=self.parameterization,
-                  out_dim=self.out_dim, activation_params=dict(self.activation_params))
-        try:  # pass only the fields this architecture's spec knows
-            names = inspect.signature(arch.make_spec).parameters
-            if not any(p.kind == p.VAR_KEYWORD for p in names.values()):
-                kw = {k: v for k, v in kw.items() if k in names}
-        except (TypeError, ValueError):
-            pass
+        accepted, _, open_kw = spec_fields(arch.make_spec)
+        kw = {}
+        for name in _COMMON_MODEL_KEYS:
+            if name == "width":
+                continue
+            if open_kw and name not in self.given and name not in accepted:
+                continue
+            if open_kw or name in accepted:
+                v = getattr(self, name)
+                kw[name] = dict(v) if isinstance(v, Mapping) else v
+        kw.update({k: (dict(v) if isinstance(v, Mapping) else v) for k, v in self.extra.items()})
+        kw["width"] = int(width)
         return arch.make_spec(**kw)
+
+
+_COMMON_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                           if f.name not in ("arch", "extra", "given"))
+
+
+def spec_fields(make_spec) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """What an architecture's ``make_spec`` accepts.
+
+    Returns:
+      ``(annotations, defaults, open)``: ``annotations`` maps each keyword it
+      takes to its type (``Any`` where unknown), ``defaults`` the keywords with a
+      default to that default, and ``open`` is True when it takes ``**kwargs``.
+    """
+    import inspect
+
+    if dataclasses.is_dataclass(make_spec) and isinstance(make_spec, type):
+        try:
+            hints = typing.get_type_hints(make_spec)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: no type check
+            hints = {}
+        ann, defaults = {}, {}
+        for f in dataclasses.fields(make_spec):
+            if not f.init:
+                continue
+            ann[f.name] = hints.get(f.name, Any)
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        return ann, defaults, False
+    try:
+        params = inspect.signature(make_spec).parameters
+    except (TypeError, ValueError):
+        return {}, {}, True
+    ann = {n: Any for n, p in params.items()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    defaults = {n: p.default for n, p in params.items()
+                if n in ann and p.default is not inspect.Parameter.empty}
+    open_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return ann, defaults, open_kw
+
+
+def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConfig:
+    """Build a :class:`ModelConfig`, checking every key against the architecture.
+
+    The architecture ``data["arch"]`` (default ``mlp``) must be registered; each
+    other key must be a field of its spec (``make_spec``), and is type-checked
+    against that field's annotation; the spec is then built at the first width,
+    so values it rejects are reported here, naming the file and ``model``.
+
+    Raises:
+      ConfigError: unknown architecture, a key the architecture does not take,
+        a wrong type, or a value its spec rejects.
+    """
+    from ntkexp.models import ARCHITECTURES
+
+    where = _where(source, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    name = data.get("arch", "mlp")
+    if not isinstance(name, str):
+        raise ConfigError(f"{_where(source, _join(path, 'arch'))}: expected a string, got "
+                          f"{name!r}")
+    try:
+        arch = ARCHITECTURES.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"{_where(source, _join(path, 'arch'))}: {e}") from None
+    accepted, defaults, open_kw = spec_fields(arch.make_spec)
+    if not open_kw and "width" not in accepted:
+        raise ConfigError(f"{where}: architecture {name!r} has a spec without a 'width' "
+                          "field, which every architecture needs (the runner sweeps it)")
+    known = ["arch"] + [k for k in accepted if k != "arch"]
+    for key in data:
+        if key == "arch" or open_kw and key not in ("extra", "given"):
+            continue
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{_where(source, _join(path, key))}: unknown key for "
+                              f"architecture {name!r}{hint}; its keys: {', '.join(known)}")
+    base = {k: v for k, v in data.items() if k in _COMMON_MODEL_KEYS or k == "arch"}
+    hints = typing.get_type_hints(ModelConfig)
+    for k in _COMMON_MODEL_KEYS:  # a common key left out takes the spec's own default
+        if k not in base and k in defaults and k != "width":
+            with contextlib.suppress(ConfigError, TypeError):  # unless it does not fit
+                base[k] = _convert(defaults[k], hints[k], k)
+    cfg = from_dict(ModelConfig, base, path=path, source=source)
+    extra = {}
+    for k, v in data.items():
+        if k in base:
+            continue
+        w = _where(source, _join(path, k))
+        try:
+            extra[k] = _convert(v, accepted.get(k, Any), w)
+        except TypeError:  # an annotation the schema layer does not know: keep as given
+            extra[k] = _freeze(v)
+    cfg = dataclasses.replace(cfg, extra=types.MappingProxyType(extra),
+                              given=tuple(str(k) for k in data))
+    if open_kw or "activation" in accepted:
+        from ntkexp.activations import ACTIVATIONS
+
+        try:
+            ACTIVATIONS.get(cfg.activation)
+        except RegistryError as e:
+            raise ConfigError(f"{_where(source, _join(path, 'activation'))}: {e}") from None
+    try:
+        cfg.spec(cfg.widths[0])
+    except (TypeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{where}: architecture {name!r} rejects these settings: {msg}") \
+            from None
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,6 +535,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         """The resolved config as plain data (what ``config.yaml`` of a run holds)."""
         d = to_dict(self)
+        d["model"] = self.model.to_dict()
         for k in ("presets", "source", "preset"):
             d.pop(k)
         return d
@@ -447,16 +604,35 @@ def apply_override(data: dict, key: str, value, *, origin: str = "--set") -> Non
 
 
 def import_plugins(names: Sequence[str], source: str = "") -> None:
-    """Import the user's plugin modules (they register names in the registries)."""
+    """Import the user's plugin modules (they register names in the registries).
+
+    A module already imported is not imported again. Any failure while importing
+    one (not found, a syntax error, an exception in its code, a name it
+    registers that is already taken) is one :class:`ConfigError` line naming
+    the plugin and the config key.
+    """
+    import sys
+
     for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise ConfigError(f"{_where(source, f'plugins[{i}]')}: expected a module name, "
-                              f"got {name!r}")
+        where = _where(source, f"plugins[{i}]")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: expected a module name, got {name!r}")
+        if name in sys.modules:
+            continue
         try:
             importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"{_where(source, f'plugins[{i}]')}: cannot import plugin "
-                              f"{name!r}: {e}") from None
+        except RegistryError as e:
+            raise ConfigError(f"{where}: plugin {name!r} failed to register: {e}") from None
+        except ModuleNotFoundError as e:
+            hint = (" (is its folder on PYTHONPATH?)" if e.name == name.split(".")[0] else "")
+            raise ConfigError(f"{where}: cannot import plugin {name!r}: {e}{hint}") from None
+        except Exception as e:  # noqa: BLE001 - any error in user code is one line
+            text = " ".join(str(e).split())
+            at = ""
+            if isinstance(e, SyntaxError) and e.lineno:
+                at = f" (line {e.lineno})"
+            raise ConfigError(f"{where}: cannot import plugin {name!r}: {type(e).__name__}"
+                              f"{at}: {text}") from None
 
 
 def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
@@ -522,8 +698,8 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
         raise ConfigError(f"{_where(source, 'experiment')}: {e}") from None
 
     sections = {}
-    for key, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
-                     ("params", exp.params)):
+    sections["model"] = model_from_dict(data.get("model"), path="model", source=source)
+    for key, cls in (("data", DataConfig), ("train", TrainConfig), ("params", exp.params)):
         sections[key] = from_dict(cls, data.get(key), path=key, source=source)
     top = {k: v for k, v in data.items() if k not in ("model", "data", "train", "params")}
     top.pop("experiment")

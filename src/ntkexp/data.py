@@ -232,4 +232,30 @@ def load_dataset(cfg, key, dtype=jnp.float32) -> Dataset:
       DataError: the config or file cannot give a dataset (one readable line).
     """
     fn = DATASETS.get(cfg.name)
-    return fn(cfg, key, dtype)
+    out = fn(cfg, key, dtype)
+    _check_dataset(cfg.name, fn, out)
+    return out
+
+
+def _check_dataset(name: str, fn, out) -> None:
+    """A registered dataset must return a :class:`Dataset` of ``(n, ...)`` inputs
+    and ``(n, k)`` targets; otherwise one :class:`DataError` naming it and its module."""
+    who = f"dataset {name!r}"
+    mod = getattr(fn, "__module__", "") or ""
+    if not mod.startswith("ntkexp"):
+        who += f" of plugin {mod!r}"
+    if not (isinstance(out, tuple) and len(out) == 4):
+        raise DataError(f"{who} must return a Dataset(x_train, y_train, x_test, y_test), got "
+                        f"{type(out).__name__}")
+    shapes = [getattr(a, "shape", None) for a in out]
+    names = ("x_train", "y_train", "x_test", "y_test")
+    for n, sh in zip(names, shapes, strict=True):
+        if sh is None:
+            raise DataError(f"{who}: {n} is not an array")
+    (xtr, ytr, xte, yte) = shapes
+    if (len(xtr) < 2 or len(ytr) != 2 or len(xte) != len(xtr) or len(yte) != 2
+            or xtr[0] != ytr[0] or xte[0] != yte[0] or xtr[1:] != xte[1:]
+            or ytr[1] != yte[1]):
+        raise DataError(f"{who} returned arrays of inconsistent shapes x_train {tuple(xtr)}, "
+                        f"y_train {tuple(ytr)}, x_test {tuple(xte)}, y_test {tuple(yte)}; "
+                        "expected (n, d), (n, k), (m, d), (m, k)")
