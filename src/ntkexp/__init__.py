@@ -28,6 +28,8 @@ from ntkexp.kernels import (
     mercer_eigenvalues,
     two_layer_relu_ntk_sphere,
 )
+from ntkexp.kernels.cnn import cnn_kernel
+from ntkexp.kernels.resmlp import resmlp_kernel
 from ntkexp.models import (
     ARCHITECTURES,
     MLP,
@@ -37,8 +39,13 @@ from ntkexp.models import (
     init_params,
     register_architecture,
 )
+from ntkexp.models.cnn import CNN, CNNApply, CNNSpec
+from ntkexp.models.resmlp import ResMLP, ResMLPApply, ResMLPSpec
+from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec
 from ntkexp.optim import OPTIMIZERS, gd, ngd, sgd
+from ntkexp.sharding import maybe_init_distributed, shard_ensemble, sharded_kernel, sharded_vmap
 from ntkexp.theory import (
+    gd_loss_curve,
     generalization_bound,
     gradient_flow,
     kernel_drift,
@@ -47,6 +54,7 @@ from ntkexp.theory import (
     linearize,
     max_weight_distance,
     ntk_gp,
+    ntk_predict,
     pattern_flip_fraction,
 )
 from ntkexp.training import DivergenceError, TrainResult, init_ensemble, train
@@ -76,7 +84,23 @@ def __getattr__(name):
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "CNN",
+    "CNNApply",
+    "CNNSpec",
     "MLP",
+    "ResMLP",
+    "ResMLPApply",
+    "ResMLPSpec",
+    "TwoLayerApply",
+    "TwoLayerSpec",
+    "cnn_kernel",
+    "gd_loss_curve",
+    "maybe_init_distributed",
+    "ntk_predict",
+    "resmlp_kernel",
+    "shard_ensemble",
+    "sharded_kernel",
+    "sharded_vmap",
     "OPTIMIZERS",
     "Activation",
     "DivergenceError",
