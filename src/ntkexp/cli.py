@@ -10,7 +10,10 @@
 Errors a user can cause (bad config, missing file, unknown experiment, a GPU
 asked for but absent) print one line ``ntkexp: error: ...`` on stderr and exit
 with status 2, without a traceback. ``run`` ends by printing the run folder and
-the main figure. The default run folder is ``runs/<config stem>[-<preset>]``.
+the main figure (and, when an experiment used a Monte Carlo estimate of the
+infinite-width limit because the architecture registers no analytic kernel, a
+``limit: ...`` line saying so). The default run folder is
+``runs/<config stem>[-<preset>]``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ def _cmd_run(args) -> int:
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
     out = args.out or default_run_dir(args.config, args.preset)
     res = run(cfg, out, force=args.force, quiet=args.quiet)
+    limit = res.summary.get("limit") if isinstance(res.summary, dict) else None
+    if isinstance(limit, dict) and limit.get("method") == "monte_carlo":
+        print(f"limit: {limit.get('note', 'Monte Carlo estimate')}")
     print(f"run folder: {res.run_dir}")
     print(f"figure: {res.main_figure}")
     return 0

@@ -12,6 +12,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -78,9 +79,22 @@ def plot_run(run_dir: str, *, require_complete: bool = True) -> list[str]:
 
 
 def _widths_title(cfg: dict) -> str:
-    m = cfg["model"]
-    return (f"{m['arch']} depth {m['depth']} ({m['activation']}, W_std={m['W_std']:g}, "
-            f"b_std={m['b_std']:g}, {m['parameterization']} param.)")
+    m = dict(cfg["model"])
+    arch = m.pop("arch", "?")
+    m.pop("width", None)
+    if {"depth", "activation", "W_std", "b_std"} <= set(m):
+        param = f", {m['parameterization']} param." if "parameterization" in m else ""
+        return (f"{arch} depth {m['depth']} ({m['activation']}, W_std={m['W_std']:g}, "
+                f"b_std={m['b_std']:g}{param})")
+    keys = ", ".join(f"{k}={v}" for k, v in m.items() if not isinstance(v, (dict, list)))
+    return f"{arch} ({keys})" if keys else str(arch)
+
+
+def _limit_label(summary) -> str:
+    lim = summary.get("limit") or {}
+    if lim.get("method") == "monte_carlo":
+        return f"Monte Carlo, n = {lim.get('width')}, {lim.get('samples')} inits"
+    return "analytic"
 
 
 def jacot_fig1_figure(results, summary, cfg, fig_dir) -> list[str]:
@@ -103,7 +117,7 @@ def jacot_fig1_figure(results, summary, cfg, fig_dir) -> list[str]:
                     label=f"n = {w}, t = 0" if k == 0 else None)
             ax.plot(g, kt[k], color=c, lw=0.8, alpha=0.7, ls="--",
                     label=f"n = {w}, t = {t:g}" if k == 0 else None)
-    ax.plot(g, lim, color="k", lw=2.2, label=r"$n \to \infty$ (analytic)")
+    ax.plot(g, lim, color="k", lw=2.2, label=r"$n \to \infty$ " + f"({_limit_label(summary)})")
     ax.set_xlabel(r"$\gamma$")
     ax.set_ylabel(r"$\Theta^{(L)}(x_0, x)$,  $x_0=(1,0)$, $x=(\cos\gamma, \sin\gamma)$")
     ax.set_xlim(-np.pi, np.pi)
@@ -128,7 +142,8 @@ def jacot_fig2_figure(results, summary, cfg, fig_dir) -> list[str]:
         f = np.asarray(results["f_trained"][wi, 0])
         for k in range(f.shape[0]):
             ax.plot(g, f[k], color=c, lw=0.8, alpha=0.6, label=f"n = {w}" if k == 0 else None)
-    ax.plot(g, mu, color="k", lw=2, label=r"$n\to\infty$: $P_{50}$")
+    ax.plot(g, mu, color="k", lw=2,
+            label=r"$n\to\infty$: $P_{50}$" + f" ({_limit_label(summary)})")
     ax.plot(g, mu - Z90 * sd, color="k", lw=1.3, ls="--", label=r"$P_{10}$, $P_{90}$")
     ax.plot(g, mu + Z90 * sd, color="k", lw=1.3, ls="--")
     xtr = np.asarray(results["limit_x_train"])
@@ -145,3 +160,48 @@ def jacot_fig2_figure(results, summary, cfg, fig_dir) -> list[str]:
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return save_figure(fig, fig_dir, "jacot_fig2")
+
+
+def kernel_convergence_figure(results, summary, cfg, fig_dir) -> list[str]:
+    """Relative error of the empirical NTK at init vs width (log-log), each init a
+    dot, the mean a line, the fitted slope and the theory's ``n^-1/2``; beside it,
+    when the run trained, the relative kernel drift vs width."""
+    widths = np.asarray(results["widths"], np.float64)
+    lim = np.asarray(results["limit_ntk"], np.float64)
+    k0 = np.asarray(results["ntk_init"][:, 0], np.float64)          # (W, K, n, n)
+    err = (np.linalg.norm(k0 - lim, axis=(-2, -1)) / np.linalg.norm(lim))  # (W, K)
+    trained = bool(summary.get("trained"))
+    fig, axes = plt.subplots(1, 2 if trained else 1, figsize=(10 if trained else 5.5, 4.2))
+    axes = np.atleast_1d(axes)
+
+    def panel(ax, vals, slope, name):
+        for k in range(vals.shape[1]):
+            ax.scatter(widths, vals[:, k], color="tab:blue", s=12, alpha=0.5,
+                       label="each init" if k == 0 else None)
+        mean = vals.mean(axis=1)
+        ax.plot(widths, mean, "o-", color="tab:blue", lw=1.8, label="mean over inits")
+        if len(widths) > 1 and np.all(mean > 0):
+            ref = mean[0] * (widths / widths[0]) ** summary["theory_slope"]
+            ax.plot(widths, ref, "k--", lw=1, label=r"theory $\propto n^{-1/2}$")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(widths, [str(int(w)) for w in widths])
+        ax.set_xlabel("width n")
+        ax.set_ylabel(name)
+        fit = f"fitted slope {slope:.2f}" if slope is not None else "one width: no slope"
+        ax.set_title(fit, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+
+    panel(axes[0], err, summary.get("slope_error"),
+          r"$\|\Theta_n - \Theta_\infty\|_F / \|\Theta_\infty\|_F$ at init")
+    if trained:
+        kt = np.asarray(results["ntk_trained"][:, 0], np.float64)
+        drift = np.linalg.norm(kt - k0, axis=(-2, -1)) / np.linalg.norm(k0, axis=(-2, -1))
+        panel(axes[1], drift, summary.get("slope_drift"),
+              r"$\|\Theta_t - \Theta_0\|_F / \|\Theta_0\|_F$" + f", t = {summary['t']:g}")
+    fig.suptitle(f"Empirical NTK vs its limit ({_limit_label(summary)})\n"
+                 + _widths_title(cfg), fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, fig_dir, "kernel_convergence")

@@ -25,6 +25,7 @@ from ntkexp.experiments import (  # noqa: E402, F401, I001  (registration)
     du2019,
     jacot_fig1,
     jacot_fig2,
+    kernel_convergence,
     lee2020,
     zhang2019,
 )

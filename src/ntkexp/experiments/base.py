@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -158,7 +160,10 @@ def make_units(cfg) -> list[Unit]:
 
 def unit_hash(cfg, unit: Unit) -> str:
     """Hash of everything that determines a unit's result (not device, sweep lists
-    or the number of inits, so that adding inits or widths reuses old units)."""
+    or the number of inits, so that adding inits or widths reuses old units; not
+    the ``params`` keys ``limit`` and ``mc_*``, which only configure the limit).
+    For ``data.name: npz`` the file's SHA-256 is part of it, so a file changed
+    at the same path is not mistaken for the old one."""
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("description", None)
@@ -167,8 +172,36 @@ def unit_hash(cfg, unit: Unit) -> str:
     d["train"]["learning_rate"] = unit.learning_rate
     d["train"].pop("inits", None)
     d["unit_init"] = unit.init
+    # params that configure only the reference (the limit), never a unit
+    d["params"] = {k: v for k, v in (d.get("params") or {}).items()
+                   if k != "limit" and not k.startswith("mc_")}
+    if d.get("data", {}).get("name") == "npz" and d["data"].get("path"):
+        # a changed file at the same path must not reuse units of the old one
+        d["data"]["sha256"] = file_sha256(d["data"]["path"])
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str | None:
+    """SHA-256 of the file at ``path`` (None if it cannot be read); cached on the
+    file's path, size and modification time so a sweep hashes it once."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _sha256_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def unit_path(run_dir: str, cfg, unit: Unit) -> str:
@@ -266,6 +299,77 @@ def stack_units(cfg, units: list[Unit], outs: list[Mapping[str, Any]]) -> dict[s
     return res
 
 
+def _owner(obj) -> str:
+    """The module that defined ``obj`` (to name a plugin in an error)."""
+    mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
+    return str(mod) if mod else "an unknown module"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def check_architecture(cfg, data, dtype) -> None:
+    """Check that a plug-in architecture's builder gives a usable network.
+
+    Built-in architectures (defined under ``ntkexp.``) are trusted. For a plug-in
+    one, build the network at the smallest width and evaluate (abstractly, with
+    ``jax.eval_shape``: nothing is compiled) ``apply_fn`` on two training inputs;
+    it must return ``(apply_fn, params)`` with floating-point parameter leaves
+    and an output of shape ``(2, out_dim)``.
+
+    Raises:
+      UserError: one line naming the architecture and the plug-in module.
+    """
+    from ntkexp.models import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    owner = _owner(arch.build)
+    if owner == "ntkexp" or owner.startswith("ntkexp."):
+        return
+    who = f"architecture {arch.name!r} of plugin {owner!r}"
+    width = min(cfg.model.widths)
+    x = data.x_train[:2]
+    try:
+        built = arch.build(cfg.model.spec(width), data.x_train.shape[1], init_key(
+            cfg, Unit(width, cfg.train.learning_rates[0], 0, 0, 0)), dtype)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is one line
+        raise UserError(f"{who}: its builder failed at width {width}: {_first_line(e)}") \
+            from None
+    if not (isinstance(built, tuple) and len(built) == 2 and callable(built[0])):
+        raise UserError(f"{who}: its builder must return (apply_fn, params), got "
+                        f"{type(built).__name__}")
+    apply_fn, params = built
+    leaves = jax.tree_util.tree_leaves(params)
+    bad = [leaf for leaf in leaves
+           if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not leaves or bad:
+        raise UserError(f"{who}: params must be a pytree of floating-point arrays, got "
+                        f"{'no leaves' if not leaves else type(bad[0]).__name__}")
+    try:
+        out = jax.eval_shape(apply_fn, params, x)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{who}: apply_fn(params, x) fails on inputs of shape "
+                        f"{tuple(x.shape)}: {_first_line(e)}") from None
+    want = getattr(cfg.model.spec(width), "out_dim", None)
+    shape = getattr(out, "shape", None)
+    if (not isinstance(out, jax.ShapeDtypeStruct) or len(shape) != 2
+            or shape[0] != x.shape[0] or (want is not None and shape[1] != want)):
+        expected = f"({x.shape[0]}, {want if want is not None else 'out_dim'})"
+        got = tuple(shape) if shape is not None else type(out).__name__
+        raise UserError(f"{who}: apply_fn(params, x) must return shape {expected} for "
+                        f"inputs of shape {tuple(x.shape)}, got {got}")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ntkexp.config import ConfigError
+    from ntkexp.data import DataError
+    from ntkexp.registry import RegistryError
+
+    return (UserError, ConfigError, DataError, RegistryError)
+
+
 def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunResult:
     """Run the experiment of the resolved config ``cfg`` into ``workdir``.
 
@@ -279,22 +383,47 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunRe
       A :class:`RunResult` with the run folder, the figure paths and the summary.
 
     Raises:
-      UserError: the device is missing or the dataset cannot be built; raised
-        before anything is written, so no half-made run folder is left.
+      UserError: the device is missing, the dataset cannot be built or a
+        plug-in architecture's builder is unusable (raised before anything is
+        written), or the experiment hit a user error while computing (then a
+        run folder this call created, with no finished unit in it, is removed),
+        so no half-made run folder is left.
     """
     from ntkexp.data import DataError, load_dataset
-    from ntkexp.plotting import plot_run
 
     t0 = time.time()
     exp = EXPERIMENTS.get(cfg.experiment)
     dtype, device = setup_runtime(cfg)
+    src = f"{cfg.source}: " if cfg.source else ""
     with jax.default_device(device):
         try:
             data = load_dataset(cfg.data, data_key(cfg), dtype)
         except DataError as e:
-            src = f"{cfg.source}: " if cfg.source else ""
             raise UserError(f"{src}{e}") from None
+        check_architecture(cfg, data, dtype)
 
+    created = not os.path.exists(workdir)
+    written: list[str] = []
+    try:
+        return _run_in(cfg, exp, data, workdir, dtype, device, force=force, quiet=quiet,
+                       written=written, t0=t0)
+    except _user_errors() as e:
+        if created and not written:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if isinstance(e, UserError):
+            raise
+        msg = str(e)
+        raise UserError(msg if cfg.source and msg.startswith(cfg.source) else f"{src}{msg}") \
+            from None
+
+
+def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written,
+            t0) -> RunResult:
+    """The body of :func:`run` once the inputs are checked; appends each finished
+    unit's path to ``written``."""
+    from ntkexp.plotting import plot_run
+
+    with jax.default_device(device):
         os.makedirs(workdir, exist_ok=True)
         for stale in ("meta.json", "summary.json"):
             with contextlib.suppress(FileNotFoundError):
@@ -319,6 +448,7 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunRe
                 out = {k: np.asarray(v) for k, v in
                        exp.compute_unit(cfg, data, u, progress).items()}
                 io.write_npz(p, out)
+                written.append(p)
                 outs[i] = out
         finally:
             progress.close()

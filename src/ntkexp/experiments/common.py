@@ -100,3 +100,84 @@ def check_common(cfg, name: str) -> None:
 
 def rms(a, axis=None) -> float | np.ndarray:
     return np.sqrt(np.mean(np.square(np.asarray(a, np.float64)), axis=axis))
+
+
+# --------------------------------------------------------------------------
+# The infinite-width limit: analytic where registered, else Monte Carlo
+# --------------------------------------------------------------------------
+
+#: Key salt of the Monte Carlo limit's initialisations (distinct from the units').
+_MC_SALT = 0x4D43
+
+
+def limit_method(cfg, requested: str = "auto") -> str:
+    """``"analytic"`` if the architecture registers an analytic kernel (and
+    ``requested`` is not ``"monte_carlo"``), else ``"monte_carlo"``.
+
+    Raises:
+      ConfigError: ``requested == "analytic"`` but the architecture has none.
+    """
+    from ntkexp.models import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    if requested == "monte_carlo":
+        return "monte_carlo"
+    if arch.analytic is None:
+        if requested == "analytic":
+            raise ConfigError(f"params.limit: architecture {arch.name!r} registers no "
+                              "analytic kernel; use limit: auto or monte_carlo")
+        return "monte_carlo"
+    return "analytic"
+
+
+def limit_kernel(cfg, x1, x2=None, *, method: str, mc_width: int, mc_samples: int,
+                 mc_batch: int | None = None):
+    """The infinite-width ``Kernel(nngp, ntk)`` of ``cfg.model``, per output.
+
+    ``method="analytic"``: the architecture's registered closed form (e.g. the
+    NTK recursion of Jacot et al. 2018, Thm. 1 for ``mlp``). ``"monte_carlo"``:
+    ``ntkexp.empirical.monte_carlo_kernel``, the mean empirical kernel of
+    ``mc_samples`` initialisations at width ``mc_width`` (its error falls like
+    ``1/sqrt(mc_samples * mc_width)`` plus an ``O(1/mc_width)`` bias), drawn from
+    keys independent of the units'.
+
+    Args:
+      cfg: the resolved run config.
+      x1: ``(n1, d)``; x2: ``(n2, d)`` or None.
+
+    Returns:
+      ``Kernel`` with ``(n1, n2)`` arrays.
+    """
+    import jax
+
+    from ntkexp.empirical import monte_carlo_kernel
+    from ntkexp.models import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    if method == "analytic":
+        return arch.analytic(cfg.model.spec(cfg.model.widths[0]), x1, x2)
+    in_dim, dtype = x1.shape[1], x1.dtype
+
+    def builder(key, width):
+        return arch.build(cfg.model.spec(width), in_dim, key, dtype)
+
+    key = jax.random.fold_in(jax.random.key(cfg.seed), _MC_SALT)
+    return monte_carlo_kernel(builder, x1, x2, key=key, n_samples=int(mc_samples),
+                              width=int(mc_width), batch_size=mc_batch)
+
+
+def limit_summary(cfg, method: str, mc_width: int, mc_samples: int) -> dict:
+    """The ``limit`` record of a summary: how the infinite-width side was obtained."""
+    if method == "analytic":
+        return {"method": "analytic", "architecture": cfg.model.arch,
+                "note": f"analytic infinite-width kernel of architecture {cfg.model.arch!r}"}
+    from ntkexp.models import ARCHITECTURES
+
+    why = (f"architecture {cfg.model.arch!r} registers no analytic kernel"
+           if ARCHITECTURES.get(cfg.model.arch).analytic is None
+           else "params.limit asks for it")
+    return {"method": "monte_carlo", "architecture": cfg.model.arch,
+            "width": int(mc_width), "samples": int(mc_samples),
+            "note": (f"Monte Carlo estimate of the limit ({why}): the mean empirical "
+                     f"kernel of {int(mc_samples)} initialisations at width "
+                     f"{int(mc_width)}")}

@@ -8,7 +8,10 @@ initialisation (t = 0) and after ``train.steps`` steps of full-batch GD on the
 least-squares task of ``data`` (t = steps x learning rate, so t = 200 with the
 paper's 200 steps at lr 1). The reference is the analytic limit
 ``Theta^(L)_infinity(x0, x)`` (Jacot et al. 2018, Theorem 1), from
-``ntkexp.analytic_kernel``.
+``ntkexp.analytic_kernel``. For an architecture that registers no analytic
+kernel (a plugin), the limit is a Monte Carlo estimate, the mean empirical NTK
+of ``params.mc_samples`` initialisations at width ``params.mc_width``; the
+summary's ``limit`` record says which was used.
 
 results.npz (W widths, K inits, G angles): ``gammas (G,)``, ``ntk_init`` and
 ``ntk_trained`` ``(W, 1, K, G)``, ``loss (W, 1, K, steps + 1)``,
@@ -31,6 +34,7 @@ root mean square over g of the analytic kernel):
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +44,9 @@ from ntkexp.experiments.common import (
     build_network,
     check_common,
     circle_grid,
+    limit_kernel,
+    limit_method,
+    limit_summary,
     ntk_row,
     rms,
     train_unit,
@@ -53,10 +60,18 @@ class Params:
     Attributes:
       n_gamma: number of angles g on [-pi, pi] where Theta(x0, x) is evaluated.
       x0_angle: the angle of ``x0`` on the unit circle (0 gives x0 = (1, 0)).
+      limit: ``auto`` (analytic if the architecture registers one, else Monte
+        Carlo), ``analytic`` or ``monte_carlo``.
+      mc_width, mc_samples: width and number of initialisations of the Monte
+        Carlo limit; mc_batch: initialisations per vmapped batch (memory).
     """
 
     n_gamma: int = dataclasses.field(default=121, metadata={"min": 3})
     x0_angle: float = 0.0
+    limit: Literal["auto", "analytic", "monte_carlo"] = "auto"
+    mc_width: int = dataclasses.field(default=4096, metadata={"min": 1})
+    mc_samples: int = dataclasses.field(default=16, metadata={"min": 1})
+    mc_batch: int | None = dataclasses.field(default=4, metadata={"min": 1})
 
 
 def _x0(cfg, dtype):
@@ -76,14 +91,20 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.kernels import analytic_kernel
-
     dtype = data.x_train.dtype
     g, xs = circle_grid(cfg.params.n_gamma, dtype)
-    spec = cfg.model.spec(cfg.model.widths[0])
     x0 = _x0(cfg, dtype)[None, :]
-    k = analytic_kernel(spec, x0, xs).ntk[0]
-    k00 = analytic_kernel(spec, x0).ntk[0, 0]
+    p = cfg.params
+    method = limit_method(cfg, p.limit)
+    if method == "analytic":
+        kw = dict(method=method, mc_width=p.mc_width, mc_samples=p.mc_samples)
+        k = limit_kernel(cfg, x0, xs, **kw).ntk[0]
+        k00 = limit_kernel(cfg, x0, **kw).ntk[0, 0]
+    else:  # one Monte Carlo kernel on [x0; xs]: row 0 holds both
+        full = limit_kernel(cfg, jnp.concatenate([x0, xs]), method=method,
+                            mc_width=p.mc_width, mc_samples=p.mc_samples,
+                            mc_batch=p.mc_batch).ntk
+        k, k00 = full[0, 1:], full[0, 0]
     return {"ntk": k, "x0x0": k00, "gammas": g}
 
 
@@ -123,6 +144,8 @@ def summarize(cfg, results):
         "t": t,
         "limit_x0x0": float(results["limit_x0x0"]),
         "limit_rms": scale,
+        "limit": limit_summary(cfg, limit_method(cfg, cfg.params.limit),
+                               cfg.params.mc_width, cfg.params.mc_samples),
         "per_width": per_width,
         "metric_definitions": "relative to rms over gamma of the analytic limit; see "
                               "ntkexp.experiments.jacot_fig1",
@@ -138,6 +161,7 @@ def plot(results, summary, cfg_dict, fig_dir):
 
 def check(cfg):
     check_common(cfg, "jacot_fig1")
+    limit_method(cfg, cfg.params.limit)
 
 
 EXPERIMENT = register_experiment(Experiment(

@@ -36,7 +36,9 @@ summary.json headline numbers, per width:
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 from ntkexp.experiments.base import Experiment, register_experiment
@@ -44,6 +46,9 @@ from ntkexp.experiments.common import (
     build_network,
     check_common,
     circle_grid,
+    limit_kernel,
+    limit_method,
+    limit_summary,
     rms,
     train_unit,
 )
@@ -57,9 +62,17 @@ class Params:
 
     Attributes:
       n_gamma: number of angles on [-pi, pi] where the functions are evaluated.
+      limit: ``auto`` (the architecture's analytic kernels if it registers them,
+        else a Monte Carlo estimate), ``analytic`` or ``monte_carlo``.
+      mc_width, mc_samples, mc_batch: the Monte Carlo limit's width, number of
+        initialisations, and initialisations per vmapped batch.
     """
 
     n_gamma: int = dataclasses.field(default=181, metadata={"min": 3})
+    limit: Literal["auto", "analytic", "monte_carlo"] = "auto"
+    mc_width: int = dataclasses.field(default=4096, metadata={"min": 1})
+    mc_samples: int = dataclasses.field(default=16, metadata={"min": 1})
+    mc_batch: int | None = dataclasses.field(default=4, metadata={"min": 1})
 
 
 def compute_unit(cfg, data, unit, progress):
@@ -100,16 +113,22 @@ def limiting_gaussian(k_xx, k_tx, s_xx, s_tx, s_tt_diag, y, *, shrink=None):
 
 
 def reference(cfg, data):
-    from ntkexp.kernels import analytic_kernel
-
     dtype = data.x_train.dtype
     g, xs = circle_grid(cfg.params.n_gamma, dtype)
-    spec = cfg.model.spec(cfg.model.widths[0])
     X, y = data.x_train, np.asarray(data.y_train[:, 0])
-    kxx = analytic_kernel(spec, X)
-    ktx = analytic_kernel(spec, xs, X)
-    s_tt = np.diag(np.asarray(analytic_kernel(spec, xs).nngp))
-    args = (kxx.ntk, ktx.ntk, kxx.nngp, ktx.nngp, s_tt, y)
+    p = cfg.params
+    method = limit_method(cfg, p.limit)
+    kw = dict(method=method, mc_width=p.mc_width, mc_samples=p.mc_samples, mc_batch=p.mc_batch)
+    if method == "analytic":
+        kxx = limit_kernel(cfg, X, **kw)
+        ktx = limit_kernel(cfg, xs, X, **kw)
+        s_tt = np.diag(np.asarray(limit_kernel(cfg, xs, **kw).nngp))
+        args = (kxx.ntk, ktx.ntk, kxx.nngp, ktx.nngp, s_tt, y)
+    else:  # one Monte Carlo kernel on [X; xs], sliced
+        n = X.shape[0]
+        k = limit_kernel(cfg, jnp.concatenate([X, xs]), **kw)
+        args = (k.ntk[:n, :n], k.ntk[n:, :n], k.nngp[:n, :n], k.nngp[n:, :n],
+                np.diag(np.asarray(k.nngp))[n:], y)
     mean, sd = limiting_gaussian(*args)
     n, lr, steps = X.shape[0], cfg.train.learning_rates[0], cfg.train.steps
     div = n if cfg.train.loss_reduction == "mean" else 1
@@ -149,6 +168,8 @@ def summarize(cfg, results):
                                  / rms(mu)),
         "per_width": per_width,
         "expected_frac_in_band": 0.8,
+        "limit": limit_summary(cfg, limit_method(cfg, cfg.params.limit),
+                               cfg.params.mc_width, cfg.params.mc_samples),
     }
     return summary, rows
 
@@ -161,6 +182,7 @@ def plot(results, summary, cfg_dict, fig_dir):
 
 def check(cfg):
     check_common(cfg, "jacot_fig2")
+    limit_method(cfg, cfg.params.limit)
 
 
 EXPERIMENT = register_experiment(Experiment(
