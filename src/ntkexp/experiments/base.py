@@ -317,7 +317,8 @@ def check_architecture(cfg, data, dtype) -> None:
     one, build the network at the smallest width and evaluate (abstractly, with
     ``jax.eval_shape``: nothing is compiled) ``apply_fn`` on two training inputs;
     it must return ``(apply_fn, params)`` with floating-point parameter leaves
-    and an output of shape ``(2, out_dim)``.
+    and an output of shape ``(2, out_dim)`` (the spec's ``out_dim``, else the
+    number of target columns).
 
     Raises:
       UserError: one line naming the architecture and the plug-in module.
@@ -352,11 +353,12 @@ def check_architecture(cfg, data, dtype) -> None:
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{who}: apply_fn(params, x) fails on inputs of shape "
                         f"{tuple(x.shape)}: {_first_line(e)}") from None
-    want = getattr(cfg.model.spec(width), "out_dim", None)
+    # the spec's out_dim, else the number of target columns
+    want = getattr(cfg.model.spec(width), "out_dim", None) or data.y_train.shape[1]
     shape = getattr(out, "shape", None)
     if (not isinstance(out, jax.ShapeDtypeStruct) or len(shape) != 2
-            or shape[0] != x.shape[0] or (want is not None and shape[1] != want)):
-        expected = f"({x.shape[0]}, {want if want is not None else 'out_dim'})"
+            or shape[0] != x.shape[0] or shape[1] != want):
+        expected = f"({x.shape[0]}, {want})"
         got = tuple(shape) if shape is not None else type(out).__name__
         raise UserError(f"{who}: apply_fn(params, x) must return shape {expected} for "
                         f"inputs of shape {tuple(x.shape)}, got {got}")
