@@ -134,3 +134,52 @@ def test_atomic_write_keeps_old_file_on_failure_and_normal_mode(tmp_path):
     assert io.read_json(path) == {"a": 1}
     assert os.listdir(tmp_path) == ["x.json"]      # no temporary left
     assert os.stat(path).st_mode & 0o044            # readable by others, like open()
+
+
+def _npz(path, n_train=12, n_test=0, dim=2, seed=0):
+    import numpy as np
+
+    r = np.random.default_rng(seed)
+    np.savez(path, x_train=r.normal(size=(n_train, dim)), y_train=r.integers(0, 2, n_train),
+             x_test=r.normal(size=(n_test, dim)), y_test=r.integers(0, 2, n_test))
+    return str(path)
+
+
+def test_unit_hash_follows_npz_contents(tmp_path):
+    """A changed .npz at the same path must not reuse units computed from the old one."""
+    from ntkexp import config as C
+    from ntkexp.experiments.base import make_units, unit_hash
+
+    path = _npz(tmp_path / "d.npz", seed=0)
+    d = tiny_dict()
+    d["data"] = {"name": "npz", "path": path, "dim": 2}
+    cfg = C.resolve(d, preset="tiny")
+    u = make_units(cfg)[0]
+    h0 = unit_hash(cfg, u)
+    _npz(tmp_path / "d.npz", seed=1)
+    h1 = unit_hash(cfg, u)
+    assert h1 != h0
+    _npz(tmp_path / "d.npz", seed=0)  # same contents again: the old units are valid
+    assert unit_hash(cfg, u) == h0
+    # other datasets: unchanged by the rule
+    assert unit_hash(C.resolve(tiny_dict(), preset="tiny"), u) == unit_hash(
+        C.resolve(tiny_dict(), preset="tiny"), u)
+
+
+def test_data_error_inside_an_experiment_leaves_no_new_folder(tmp_path, capsys):
+    """lee2020 needs a test set; a .npz without one fails inside compute_unit with a
+    user error: exit 2, one line, and the run folder this call created is gone; a
+    folder that existed before is left as it was."""
+    lee = yaml.safe_load(open(os.path.join(ROOT, "configs", "lee2020_finite_vs_infinite.yaml")))
+    lee["data"] = {"name": "npz", "path": _npz(tmp_path / "no_test.npz", dim=3), "dim": 3}
+    path = write(tmp_path, lee)
+    out = tmp_path / "run"
+    one_line_error(capsys, ["run", path, "--preset", "tiny", "--out", str(out), "--quiet"],
+                   path, "n_test")
+    assert not out.exists()
+    kept = tmp_path / "old_run"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    one_line_error(capsys, ["run", path, "--preset", "tiny", "--out", str(kept), "--quiet"],
+                   "n_test")
+    assert (kept / "notes.txt").read_text() == "mine"
