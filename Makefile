@@ -37,6 +37,12 @@ test-all: setup
 bench: setup
 	$(PY) -m benchmarks.run --out benchmarks/results
 
+## For whoever has a GPU (pip install -e '.[cuda12]'): the Jacot figures' paper presets with
+## device: gpu and the benchmarks; timings to runs/gpu-check/timings.json (docs/gpu.md).
+## Without a GPU it stops at once with one line.
+gpu-check: setup
+	@$(VENV)/bin/ntkexp gpu-check --out runs/gpu-check
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 

@@ -183,3 +183,10 @@ def test_data_error_inside_an_experiment_leaves_no_new_folder(tmp_path, capsys):
     one_line_error(capsys, ["run", path, "--preset", "tiny", "--out", str(kept), "--quiet"],
                    "n_test")
     assert (kept / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(_has_gpu(), reason="needs a machine without a GPU")
+def test_gpu_check_without_gpu_is_one_line(tmp_path, capsys):
+    out = tmp_path / "gpu"
+    one_line_error(capsys, ["gpu-check", "--out", str(out)], "needs a GPU", "cuda12")
+    assert not out.exists()

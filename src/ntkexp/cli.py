@@ -6,6 +6,7 @@
     ntkexp plot RUN_DIR
     ntkexp validate CONFIG [--set ...] [--preset P]
     ntkexp list
+    ntkexp gpu-check [--out runs/gpu-check] [--preset paper] [--no-bench]
 
 Errors a user can cause (bad config, missing file, unknown experiment, a GPU
 asked for but absent) print one line ``ntkexp: error: ...`` on stderr and exit
@@ -64,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list experiments, architectures, activations, optimizers, "
                    "datasets")
+
+    g = sub.add_parser("gpu-check", help="on a GPU: run the Jacot figures' paper presets "
+                       "with device: gpu and the benchmarks; write their timings")
+    g.add_argument("--out", default=os.path.join("runs", "gpu-check"),
+                   help="folder for the runs, benchmark JSON and timings.json")
+    g.add_argument("--preset", default="paper", help="preset of the Jacot configs")
+    g.add_argument("--config", dest="configs", action="append", default=None,
+                   help="config to time (repeatable; default the two Jacot figures)")
+    g.add_argument("--no-bench", action="store_true", help="skip the benchmarks")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -127,6 +138,86 @@ def _cmd_list(args) -> int:
     return 0
 
 
+GPU_CHECK_CONFIGS = (os.path.join("configs", "jacot_fig1.yaml"),
+                     os.path.join("configs", "jacot_fig2.yaml"))
+
+
+def require_gpu() -> list:
+    """The GPU devices JAX sees; a :class:`UserError` (one line) when there are none."""
+    import jax
+
+    from ntkexp.experiments.base import UserError
+
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        seen = ", ".join(sorted({d.platform for d in jax.devices()}))
+        raise UserError(f"gpu-check needs a GPU, but JAX sees only: {seen}; on a machine "
+                        "with an NVIDIA GPU run pip install -e '.[cuda12]' (see docs/gpu.md)")
+    return gpus
+
+
+def _cmd_gpu_check(args) -> int:
+    """Time the paper presets of the Jacot figures on the GPU, then the benchmarks;
+    write ``OUT/timings.json`` (and each run's folder, ``OUT/bench/*.json``)."""
+    import importlib
+    import pathlib
+    import platform
+    import time
+
+    import jax
+
+    from ntkexp import config as C
+    from ntkexp import io
+    from ntkexp.experiments import run
+
+    gpus = require_gpu()
+    configs = args.configs or list(GPU_CHECK_CONFIGS)
+    for path in configs:  # validate everything before the long work starts
+        C.load(path, preset=args.preset, overrides=["device=gpu"])
+    timings = {"device": str(gpus[0]), "device_kind": getattr(gpus[0], "device_kind", None),
+               "n_gpus": len(gpus), "jax": jax.__version__, "host": platform.node(),
+               "preset": args.preset, "runs": {}, "benchmarks": {}}
+    out = args.out
+    tpath = os.path.join(out, "timings.json")
+    for path in configs:
+        cfg = C.load(path, preset=args.preset, overrides=["device=gpu"])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        run_dir = os.path.join(out, f"{stem}-{args.preset}")
+        print(f"== {stem} --preset {args.preset} (device: gpu)", flush=True)
+        t0 = time.perf_counter()
+        res = run(cfg, run_dir, force=True, quiet=args.quiet)
+        wall = time.perf_counter() - t0
+        timings["runs"][stem] = {"config": path, "wall_s": round(wall, 3),
+                                 "units": res.computed_units, "run_dir": run_dir,
+                                 "widths": list(cfg.model.widths),
+                                 "inits": cfg.train.inits, "steps": cfg.train.steps}
+        print(f"   {wall:.1f} s, {res.computed_units} units -> {run_dir}", flush=True)
+        io.write_json(tpath, timings)
+    if not args.no_bench:
+        here = pathlib.Path("benchmarks")
+        names = sorted(p.stem for p in here.glob("bench_*.py")) if here.is_dir() else []
+        if not names:
+            timings["benchmarks"] = {"skipped": "no benchmarks/ folder here (run from the "
+                                                "repository root)"}
+        for name in names:
+            print(f"== benchmarks.{name}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                result = importlib.import_module(f"benchmarks.{name}").main(
+                    os.path.join(out, "bench"))
+                timings["benchmarks"][name] = {"wall_s": round(time.perf_counter() - t0, 3),
+                                               "result": result}
+            except Exception as e:  # noqa: BLE001 - record it and go on with the others
+                timings["benchmarks"][name] = {"error": f"{type(e).__name__}: {e}"}
+            io.write_json(tpath, timings)
+    io.write_json(tpath, timings)
+    print(f"timings: {tpath}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ntkexp`` console script; returns the exit status."""
     from ntkexp.config import ConfigError
@@ -137,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         cmd = {"run": _cmd_run, "plot": _cmd_plot, "validate": _cmd_validate,
-               "list": _cmd_list}[args.cmd]
+               "list": _cmd_list, "gpu-check": _cmd_gpu_check}[args.cmd]
         return cmd(args)
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else USAGE_ERROR

@@ -9,17 +9,7 @@ registered architecture, issue 7). A plugin module registers more with
 :func:`register_experiment` (see ``docs/extending.md``).
 """
 
-from ntkexp.experiments.base import (
-    EXPERIMENTS,
-    Experiment,
-    RunResult,
-    Unit,
-    UserError,
-    register_experiment,
-    run,
-)
-
-from ntkexp.experiments import (  # noqa: E402, F401, I001  (registration)
+from ntkexp.experiments import (  # noqa: F401  (registration)
     arora2019,
     bietti2019,
     du2019,
@@ -28,6 +18,15 @@ from ntkexp.experiments import (  # noqa: E402, F401, I001  (registration)
     kernel_convergence,
     lee2020,
     zhang2019,
+)
+from ntkexp.experiments.base import (
+    EXPERIMENTS,
+    Experiment,
+    RunResult,
+    Unit,
+    UserError,
+    register_experiment,
+    run,
 )
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunResult", "Unit", "UserError",

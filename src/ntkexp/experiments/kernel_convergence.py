@@ -14,9 +14,10 @@ training with ``train``'s optimizer. The reference is the limit
 Theory (Jacot et al. 2018, Thm. 1 and 2; Arora et al. 2019, Thm. 3.1): at
 initialisation ``Theta_n -> Theta_inf`` with fluctuations of order
 ``n^-1/2``, and during training the kernel moves by ``O(n^-1/2)``. So the
-relative Frobenius error ``||Theta_n - Theta_inf||_F / ||Theta_inf||_F`` and the
-drift ``||Theta_t - Theta_0||_F / ||Theta_0||_F`` both fall with a slope near
-``-1/2`` in log-log.
+relative Frobenius error ``||Theta_n - Theta_inf||_F / ||Theta_inf||_F`` falls
+with a slope near ``-1/2`` in log-log, and the drift
+``||Theta_t - Theta_0||_F / ||Theta_0||_F`` at least as fast (the ``cpu``
+preset measures -0.57 and -0.71).
 
 results.npz (W widths, K inits, n inputs): ``ntk_init``, ``ntk_trained``
 ``(W, 1, K, n, n)``, ``loss (W, 1, K, steps + 1)``, ``limit_ntk (n, n)``,
