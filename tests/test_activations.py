@@ -51,7 +51,8 @@ def test_angular_duals_match_cho_saul(name, params):
     # Exact edges: rho = 1 gives E[phi(u)^2] = J(0) q; rho = -1 with v = -lambda u.
     sig, dl = act.angular.sigma, act.angular.delta
     q = jnp.asarray([0.7, 2.0])
-    np.testing.assert_allclose(np.asarray(act.T(q, q, q)), (sig**2 + dl**2) * np.asarray(q), rtol=1e-15)
+    np.testing.assert_allclose(np.asarray(act.T(q, q, q)), (sig**2 + dl**2) * np.asarray(q),
+                               rtol=1e-15)
     np.testing.assert_allclose(np.asarray(act.T(q, -q, q)), (dl**2 - sig**2) * np.asarray(q),
                                rtol=1e-14, atol=1e-16)
 
@@ -69,7 +70,8 @@ def test_relu_dual_against_monte_carlo():
     assert abs(mc - t) < 5 * se
 
 
-@pytest.mark.parametrize("name", ["relu", "leaky_relu", "abs", "identity", "erf", "gelu", "sin", "cos"])
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "abs", "identity", "erf", "gelu", "sin",
+                                  "cos"])
 def test_edges_finite_values_and_gradients(name, dtype):
     act = get_activation(name)
     q = jnp.asarray([1.0, 0.0, 1e-12, 1e4, 2.0], dtype)
@@ -89,3 +91,45 @@ def test_registry_errors():
         get_activation("relux")
     with pytest.raises(ValueError, match="bad parameters"):
         get_activation("leaky_relu", {"nope": 1})
+
+
+def test_atan_ratio_matches_arctan_to_ulps(dtype):
+    # Cephes range-reduced atan in plain arithmetic vs numpy's arctan2 in float64.
+    from ntkexp.activations import atan_ratio
+
+    r = np.concatenate([RNG.uniform(0, 1, 2000), np.logspace(-30, 0, 200),
+                        [0.0, 0.41421356237309504, 0.66, 1.0 - 1e-12, 1.0]])
+    x = RNG.uniform(0.1, 10.0, r.size)
+    y = np.minimum(r * x, x)
+    got = np.asarray(atan_ratio(jnp.asarray(y, dtype), jnp.asarray(x, dtype)), np.float64)
+    yd = np.asarray(jnp.asarray(y, dtype), np.float64)
+    want = np.arctan2(yd, np.asarray(jnp.asarray(x, dtype), np.float64))
+    eps = float(jnp.finfo(dtype).eps)
+    # inputs rounded to dtype, so allow a few ulps of the result (relative, also at y -> 0)
+    assert np.all(np.abs(got - want) <= 4 * eps * np.abs(want))
+    assert float(atan_ratio(jnp.zeros((), dtype), jnp.zeros((), dtype))) == 0.0
+    g = jax.grad(lambda a: atan_ratio(a, 2 * a + 1.0))(jnp.asarray(0.0, dtype))
+    np.testing.assert_allclose(float(g), 1.0, rtol=10 * eps)
+
+
+@pytest.mark.parametrize("name,params", [("relu", {}), ("leaky_relu", {"slope": 0.2}), ("abs", {})])
+def test_sorted_gap_duals_match_trig_forms(name, params, dtype):
+    # The recursion's fast path (gaps -> J, Jdot, jm, jp with one sqrt and one
+    # division) against J/Jdot/jm/jp evaluated with sin/cos of the angle.
+    ang = get_activation(name, params).angular
+    edges = [0.0, 1e-6, 0.3, np.pi / 2, np.pi - 1e-6, np.pi]
+    t = np.concatenate([RNG.uniform(0, np.pi, 200), edges])
+    s = RNG.uniform(0.1, 5.0, t.size)
+    e, f = 2 * s * np.sin(t / 2) ** 2, 2 * s * np.cos(t / 2) ** 2  # s - c, s + c
+    mn, mx = np.minimum(e, f), np.maximum(e, f)
+    J, Jdot, jm, jp = ang.from_sorted_gaps(*(jnp.asarray(a, dtype) for a in (mn, mx)),
+                                           jnp.asarray(e <= f), jnp.asarray(1 / (2 * s), dtype))
+    tt = jnp.asarray(t)
+    want = (ang.J(tt), ang.Jdot(tt), ang.jm(tt), ang.jp(tt))
+    tol = 1e-13 if dtype == jnp.float64 else 2e-6
+    for a, b in zip((J, Jdot, jm, jp), want, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b), rtol=tol, atol=tol)
+    if dtype == jnp.float64:  # relative accuracy where jm -> 0 (t -> 0) and jp -> 0 (t -> pi, relu)
+        k0, kpi = t.size - 5, t.size - 2
+        np.testing.assert_allclose(float(jm[k0]), float(want[2][k0]), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(float(jp[kpi]), float(want[3][kpi]), rtol=1e-9, atol=0)

@@ -33,13 +33,15 @@ def test_symmetric_psd_and_slices(seed, act, depth, b, n):
         assert ev.min() >= -1e-10 * ev.max()
     # a block of K(x1, x2) is the slice of K on the concatenation
     k12 = analytic_kernel(spec, x[:2], x[2:])
-    np.testing.assert_allclose(np.asarray(k12.ntk), np.asarray(k.ntk)[:2, 2:], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(k12.ntk), np.asarray(k.ntk)[:2, 2:], rtol=1e-12,
+                               atol=1e-14)
     # blocked == unblocked (tiles of 2, padding included)
     kb = analytic_kernel(spec, x, block_size=2)
     np.testing.assert_allclose(np.asarray(kb.ntk), np.asarray(k.ntk), rtol=1e-12, atol=1e-14)
     assert np.array_equal(np.asarray(kb.ntk), np.asarray(kb.ntk).T)
     kb12 = analytic_kernel(spec, x[:5], x, block_size=2)
-    np.testing.assert_allclose(np.asarray(kb12.nngp), np.asarray(k.nngp)[:5], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(kb12.nngp), np.asarray(k.nngp)[:5], rtol=1e-12,
+                               atol=1e-14)
 
 
 @settings(max_examples=4, deadline=None)

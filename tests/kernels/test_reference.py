@@ -15,7 +15,8 @@ import pytest
 from ntkexp.kernels import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 
-REF = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "nt_kernels.json")
+REF = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
+                   "nt_kernels.json")
 if not os.path.exists(REF):
     REF = "/work/shared/reference/nt_kernels.json"
 CASES = json.load(open(REF))["cases"] if os.path.exists(REF) else []

@@ -13,12 +13,14 @@ Three ways to get ``T, Tdot`` (chosen from the activation, see :func:`dual_metho
 
 * ``"angular"``: ``phi(u) = sigma u + delta |u|`` (relu, leaky_relu, abs,
   identity; :class:`ntkexp.activations.AngularDual`). The recursion carries the
-  *gaps* ``e = s - c`` and ``f = s + c`` (``s = sqrt(q1 q2)``) instead of the
-  cosine, each updated as a sum of non-negative terms, and the angle is
-  ``2 atan2(sqrt e, sqrt f)``. At the first layer the gaps come from
-  ``||x/|x| -+ x'/|x'| ||^2`` (pairwise differences, when ``exact_angles``),
-  so collinear and antipodal inputs keep full precision in every layer (a plain
-  ``arccos(c/s)`` loses half the digits there).
+  smaller of the *gaps* ``e = s - c`` and ``f = s + c`` (``s = sqrt(q1 q2)``;
+  the larger is ``2 s - min``) instead of the cosine, updated as a sum of
+  non-negative terms, and the angle is ``2 atan(sqrt(min / max))`` (a fused,
+  vectorized Cephes ``atan``, :func:`ntkexp.activations.atan_ratio`). At the
+  first layer the gaps come from ``||x/|x| -+ x'/|x'| ||^2`` (coordinate
+  differences, when ``exact_angles``), so collinear and antipodal inputs keep
+  full precision in every layer (a plain ``arccos(c/s)`` loses half the digits
+  there). See :func:`_angular_layers`.
 * ``"closed_form"``: the activation's own ``T``/``Tdot`` (erf, gelu, sin, cos, ...).
 * ``"numerical"``: Mehler expansion with exact tails (:mod:`ntkexp.kernels.quadrature`)
   for any other activation (tanh, softplus, sigmoid, exp, user's own).
@@ -95,11 +97,122 @@ def diag_variances(spec: MLPSpec, x: Array, *, degree: int = DEFAULT_DEGREE,
     return out
 
 
-def _tile(spec: MLPSpec, x1, x2, q1s, q2s, exact: bool, degree: int, nodes: int):
-    """Kernel of one tile: ``x1 (B1, d)``, ``x2 (B2, d)`` -> ``(nngp, ntk)`` each ``(B1, B2)``."""
+def _features(spec: MLPSpec, x: Array, qs: list[Array]) -> tuple[Array, ...]:
+    """Per-point quantities a tile needs (all with leading axis ``n``), computed once.
+
+    Angular activations: ``(x, u, r, rq, irq)`` with ``u = x / |x|`` (0 for
+    zero rows), ``r = |x|``, ``rq[:, h] = sqrt(q_h)`` (``(n, depth + 1)``) and
+    ``irq = 1 / rq`` (0 where ``rq = 0``). Otherwise
+    ``(x, q_0, ..., q_{depth-1})``.
+    """
+    if spec.depth > 0 and dual_method(spec.act) == "angular":
+        r = safe_sqrt(jnp.sum(x * x, axis=1))
+        u = x / jnp.where(r > 0, r, 1.0)[:, None]
+        rq = jnp.stack([safe_sqrt(q) for q in qs[:spec.depth + 1]], axis=1)
+        irq = jnp.where(rq > 0, 1.0 / jnp.where(rq > 0, rq, 1.0), 0.0)
+        return (x, u, r, rq, irq)
+    return (x, *qs[:spec.depth])
+
+
+def _outer(a: Array, b: Array) -> Array:
+    return a[:, None] * b[None, :]
+
+
+def _first_gaps(u1, u2, g, exact: bool):
+    """``(|u1 - u2|^2, |u1 + u2|^2)`` for unit rows ``u1 (B1, d)``, ``u2 (B2, d)``.
+
+    With ``exact``, the smaller of the two (the side picked by the sign of
+    ``g = x1 . x2``) is summed from coordinate differences, so (nearly) collinear
+    and antipodal pairs keep full precision; the other is ``4 - small`` (>= 2, so
+    its relative error is one rounding). Otherwise both come from the Gram matrix.
+    """
+    if exact:
+        pos = g >= 0
+        u1t, u2t = u1.T, u2.T
+        small = jnp.zeros(g.shape, g.dtype)
+        sgn = jnp.where(pos, 1.0, -1.0).astype(g.dtype)
+        for k in range(u1.shape[1]):  # unrolled: one fused, vectorized loop
+            a = u1t[k][:, None]
+            small = small + (a - sgn * u2t[k][None, :]) ** 2
+        big = jnp.maximum(4.0 - small, 0.0)
+        return jnp.where(pos, small, big), jnp.where(pos, big, small)
+    cos = jnp.matmul(u1, u2.T, precision=_HP)
+    return jnp.maximum(2 - 2 * cos, 0.0), jnp.maximum(2 + 2 * cos, 0.0)
+
+
+def _angular_layers(spec: MLPSpec, f1, f2, g: Array, ntk: Array, exact: bool):
+    """Relu-family recursion on one tile (``phi = sigma u + delta |u|``), exact at the edges.
+
+    State per pair: ``ntk`` and the *signed smaller gap* ``sig``: with
+    ``e = s - c``, ``f = s + c`` (``s = sqrt(q1 q2)``, so ``e + f = 2 s``),
+    ``sig = e`` if ``e <= f`` (``theta <= pi/2``) else ``-f`` (the sign bit
+    tells which; ``-0.0`` is antipodal). The larger gap is ``2 s - |sig| >= s``
+    (no cancellation), ``1 / (e + f) = 1 / (2 s)`` is an outer product of
+    per-point vectors, so a layer costs one square root and two divisions per
+    pair (:meth:`~ntkexp.activations.AngularDual.from_sorted_gaps` and the
+    bias term below). Layers run in a ``fori_loop`` so that XLA materialises
+    ``(sig, ntk)`` once per layer instead of re-fusing all previous layers.
+    """
+    ang = spec.act.angular
+    w2, b2 = spec.W_std**2, spec.b_std**2
+    std = spec.parameterization == "standard"
+    width = float(spec.width)
+    bias1 = 1.0 if spec.has_bias else 0.0
+    (x1, u1, r1, R1, I1), (_, u2, r2, R2, I2) = f1, f2
+    d = x1.shape[1]
+    A = w2 * ang.j0
+    dm, dp = _first_gaps(u1, u2, g, exact)
+    a = w2 / d
+    rr = _outer(r1, r2)
+    s = _outer(R1[:, 0], R2[:, 0])
+    if b2 > 0:
+        # s - a r1 r2 - b2 >= 0 without cancellation: s^2 - (a r1 r2 + b2)^2 = a b2 (r1 - r2)^2
+        br = (a * b2) * (r1[:, None] - r2[None, :]) ** 2 / (s + a * rr + b2)
+    else:
+        br = 0.0
+    e = br + (a / 2) * rr * dm
+    f = br + (a / 2) * rr * dp + 2 * b2
+    sig = jnp.where(e <= f, e, -f)
+
+    def duals(h, sig):
+        s = _outer(R1[:, h], R2[:, h])
+        inv = _outer(0.5 * I1[:, h], I2[:, h])
+        mn = jnp.abs(sig)
+        mx = jnp.maximum(2 * s - mn, mn)
+        return s, ang.from_sorted_gaps(mn, mx, ~jnp.signbit(sig), inv)
+
+    def step(h, carry):
+        sig, ntk = carry
+        s, (J, Jdot, jm, jp) = duals(h, sig)
+        sJ = s * J
+        top = (width * sJ + bias1) if std else (w2 * sJ + b2)
+        ntk = top + w2 * Jdot * ntk
+        # next gaps: e' = s' - c' = br + w2 s jm, f' = br + w2 s jp + 2 b2, where
+        # br = s' - A s - b2 >= 0: s'^2 - (A s + b2)^2 = A b2 (sqrt q1 - sqrt q2)^2.
+        e = w2 * s * jm
+        f = w2 * s * jp + 2 * b2
+        sig = jnp.where(e <= f, e, -f)
+        if b2 > 0:
+            ra, rb = R1[:, h], R2[:, h]
+            s_new = _outer(R1[:, h + 1], R2[:, h + 1])
+            br = (A * b2) * (ra[:, None] - rb[None, :]) ** 2 / (s_new + A * s + b2)
+            sig = sig + jnp.copysign(br, sig)
+        return sig, ntk
+
+    sig, ntk = lax.fori_loop(0, spec.depth - 1, step, (sig, ntk))
+    s, (J, Jdot, _, _) = duals(spec.depth - 1, sig)
+    sJ = s * J
+    c = w2 * sJ + b2
+    top = (width * sJ + bias1) if std else c
+    return c, w2 * Jdot * ntk + top
+
+
+def _tile(spec: MLPSpec, f1, f2, exact: bool, degree: int, nodes: int):
+    """:func:`_features` of ``B1``, ``B2`` points -> ``(nngp, ntk)``, each ``(B1, B2)``."""
     act = spec.act
     method = dual_method(act)
     w2, b2 = spec.W_std**2, spec.b_std**2
+    x1, x2 = f1[0], f2[0]
     d = x1.shape[1]
     std = spec.parameterization == "standard"
     width = float(spec.width)
@@ -110,43 +223,10 @@ def _tile(spec: MLPSpec, x1, x2, q1s, q2s, exact: bool, degree: int, nodes: int)
     if spec.depth == 0:
         return c, ntk
     if method == "angular":
-        ang = act.angular
-        r1 = safe_sqrt(jnp.sum(x1 * x1, axis=1))
-        r2 = safe_sqrt(jnp.sum(x2 * x2, axis=1))
-        u1 = x1 / jnp.where(r1 > 0, r1, 1.0)[:, None]
-        u2 = x2 / jnp.where(r2 > 0, r2, 1.0)[:, None]
-        if exact:
-            diff = u1[:, None, :] - u2[None, :, :]
-            summ = u1[:, None, :] + u2[None, :, :]
-            dm = jnp.sum(diff * diff, axis=-1)
-            dp = jnp.sum(summ * summ, axis=-1)
-        else:
-            cos = jnp.matmul(u1, u2.T, precision=_HP)
-            dm, dp = jnp.maximum(2 - 2 * cos, 0.0), jnp.maximum(2 + 2 * cos, 0.0)
-        a = w2 / d
-        rr = r1[:, None] * r2[None, :]
-        s = safe_sqrt(q1s[0][:, None] * q2s[0][None, :])
-        br = a * b2 * (r1[:, None] - r2[None, :]) ** 2 / (s + a * rr + b2 + (s == 0))
-        e = br + a * rr * dm / 2
-        f = br + a * rr * dp / 2 + 2 * b2
-        A = w2 * ang.j0
-        for h in range(spec.depth):
-            J, Jdot, jm, jp = ang.from_gaps(e, f)
-            sJ = s * J
-            c = w2 * sJ + b2
-            top = (width * sJ + bias1) if std else c
-            ntk = top + w2 * Jdot * ntk
-            if h + 1 < spec.depth:
-                rq1, rq2 = safe_sqrt(q1s[h]), safe_sqrt(q2s[h])
-                s_new = safe_sqrt(q1s[h + 1][:, None] * q2s[h + 1][None, :])
-                br = A * b2 * (rq1[:, None] - rq2[None, :]) ** 2 / (s_new + A * s + b2 + (s_new == 0))
-                e = br + w2 * s * jm
-                f = br + w2 * s * jp + 2 * b2
-                s = s_new
-        return c, ntk
+        return _angular_layers(spec, f1, f2, g, ntk, exact)
     nd = NumericalDual(act, degree, nodes)
     for h in range(spec.depth):
-        Q1, Q2 = q1s[h], q2s[h]
+        Q1, Q2 = f1[1 + h], f2[1 + h]
         if method == "closed_form":
             t = act.T(Q1[:, None], c, Q2[None, :])
             td = act.Tdot(Q1[:, None], c, Q2[None, :])
@@ -158,52 +238,73 @@ def _tile(spec: MLPSpec, x1, x2, q1s, q2s, exact: bool, degree: int, nodes: int)
     return c, ntk
 
 
+def _starts(n: int, b: int) -> list[int]:
+    """Tile starts ``0, b, 2b, ...`` with the last one clamped to ``n - b`` (no padding)."""
+    return [min(i * b, n - b) for i in range(-(-n // b))]
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "sym", "block", "exact", "degree", "nodes"))
 def _kernel(spec, x1, x2, sym, block, exact, degree, nodes):
     q1s = diag_variances(spec, x1, degree=degree, nodes=nodes)
-    q2s = q1s if sym else diag_variances(spec, x2, degree=degree, nodes=nodes)
-    n1, n2 = x1.shape[0], x2.shape[0]
-    if n1 <= block and n2 <= block:
-        nngp, ntk = _tile(spec, x1, x2, q1s, q2s, exact, degree, nodes)
-        if sym:
-            # materialise first: a fused recomputation of (j, i) may round differently
-            nngp, ntk = _mirror_upper(nngp), _mirror_upper(ntk)
-        return Kernel(nngp, ntk)
-    nb1, nb2 = -(-n1 // block), -(-n2 // block)
-    p1, p2 = nb1 * block, nb2 * block
-
-    def pad(a, p):
-        return jnp.pad(a, [(0, p - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
-
-    x1p, x2p = pad(x1, p1), pad(x2, p2)
-    q1p = [pad(q, p1) for q in q1s]
-    q2p = [pad(q, p2) for q in q2s]
+    f1 = _features(spec, x1, q1s)
     if sym:
-        pairs = [(i, j) for i in range(nb1) for j in range(i, nb2)]
+        f2 = f1
     else:
-        pairs = [(i, j) for i in range(nb1) for j in range(nb2)]
-    idx = jnp.asarray(np.array(pairs, dtype=np.int32) * block)
+        f2 = _features(spec, x2, diag_variances(spec, x2, degree=degree, nodes=nodes))
+    n1, n2 = x1.shape[0], x2.shape[0]
+    b1, b2 = min(block, n1), min(block, n2)
+    if n1 == b1 and n2 == b2:
+        tiles = _tile(spec, f1, f2, exact, degree, nodes)
+        if sym:
+            # x1 is finite (checked), so this is always true, but XLA cannot know
+            tiles = _mirror_if(x1[0, 0] == x1[0, 0], tiles)
+        return Kernel(*tiles)
+    s1, s2 = _starts(n1, b1), _starts(n2, b2)
+    # Tiles are written in place into the (n1, n2) outputs; the last row/column
+    # of tiles is shifted back to end at n (overlapping its neighbour) instead
+    # of padding, which would cost a copy of the outputs.
+    if sym:
+        # Upper tiles (I <= J), each also written transposed at (J, I), so every
+        # write of (a, b) comes with the same value at (b, a). Diagonal tiles
+        # are mirrored. The only tile whose rows and columns overlap off the
+        # diagonal is (nb-2, nb-1) (shifted last column); its overlap lies in
+        # the last diagonal tile, written after it.
+        pairs = [(s1[i], s2[j]) for i in range(len(s1)) for j in range(i, len(s2))]
+    else:
+        pairs = [(a, b) for a in s1 for b in s2]
+    idx = jnp.asarray(np.array(pairs, dtype=np.int32))
     dt = x1.dtype
-    out0 = (jnp.zeros((p1, p2), dt), jnp.zeros((p1, p2), dt))
+    out0 = (jnp.zeros((n1, n2), dt), jnp.zeros((n1, n2), dt))
 
     def body(carry, ij):
         i, j = ij[0], ij[1]
-        xa = lax.dynamic_slice_in_dim(x1p, i, block)
-        xb = lax.dynamic_slice_in_dim(x2p, j, block)
-        qa = [lax.dynamic_slice_in_dim(q, i, block) for q in q1p]
-        qb = [lax.dynamic_slice_in_dim(q, j, block) for q in q2p]
-        tiles = lax.optimization_barrier(_tile(spec, xa, xb, qa, qb, exact, degree, nodes))
+        fa = tuple(lax.dynamic_slice_in_dim(v, i, b1) for v in f1)
+        fb = tuple(lax.dynamic_slice_in_dim(v, j, b2) for v in f2)
+        tiles = _tile(spec, fa, fb, exact, degree, nodes)
+        if sym:
+            tiles = _mirror_if(i == j, tiles)
         new = []
         for buf, t in zip(carry, tiles, strict=True):
             if sym:
-                t = jnp.where(i == j, _mirror_upper(t), t)
                 buf = lax.dynamic_update_slice(buf, t.T, (j, i))
             buf = lax.dynamic_update_slice(buf, t, (i, j))
             new.append(buf)
         return tuple(new), None
 
     (nngp, ntk), _ = lax.scan(body, out0, idx)
-    return Kernel(nngp[:n1, :n2], ntk[:n1, :n2])
+    return Kernel(nngp, ntk)
+
+
+def _mirror_if(pred: Array, tiles: tuple[Array, ...]) -> tuple[Array, ...]:
+    """``tiles`` with each (square) tile replaced by its mirrored upper triangle if ``pred``.
+
+    A real ``lax.cond`` (``pred`` is traced): its operands and results are
+    materialised buffers, so the mirror and the later ``t``/``t.T`` writes only
+    move stored values. (An ``optimization_barrier`` is not enough: XLA:CPU
+    removes it before fusion and may then recompute entries ``(i, j)`` and
+    ``(j, i)`` in differently vectorized loops, with different roundings.)
+    """
+    return lax.cond(pred, lambda ts: tuple(_mirror_upper(t) for t in ts), lambda ts: ts, tiles)
 
 
 def _mirror_upper(k: Array) -> Array:
@@ -218,9 +319,6 @@ def _mirror_upper(k: Array) -> Array:
     return jnp.where(upper, k, k.T)
 
 
-_symmetrize = jax.jit(lambda k: Kernel(_mirror_upper(k.nngp), _mirror_upper(k.ntk)))
-
-
 def _as_inputs(x, name: str) -> Array:
     if isinstance(x, jax.core.Tracer):
         arr = x
@@ -232,7 +330,9 @@ def _as_inputs(x, name: str) -> Array:
     if arr.ndim != 2:
         raise ValueError(f"{name} must have shape (n, d), got shape {tuple(arr.shape)}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one row and one column, got {tuple(arr.shape)}")
+        raise ValueError(
+            f"{name} must have at least one row and one column, got {tuple(arr.shape)}"
+        )
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         if jnp.issubdtype(arr.dtype, jnp.complexfloating):
             raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
@@ -252,7 +352,7 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
         parameterization; see the module docstring for the conventions).
       x1: inputs ``(n1, d)``.
       x2: inputs ``(n2, d)``, or None for ``x2 = x1`` (the result is then
-        exactly symmetric: upper tiles are computed and mirrored).
+        exactly symmetric: upper tiles are computed and written mirrored).
       block_size: tile size; the pairs are computed in ``block_size^2`` tiles
         inside one ``lax.scan`` so memory is ``O(n1 n2)`` for the result plus
         ``O(block_size^2)`` work space (default 256; n = 20000 in float32 needs
@@ -296,12 +396,7 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
         exact_angles = x1.shape[1] <= EXACT_ANGLE_MAX_DIM
     if not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be a positive integer, got {degree!r}")
-    k = _kernel(spec, x1, x2, sym, int(block_size), bool(exact_angles), degree, int(nodes))
-    if sym:
-        # A separate executable on materialised buffers: inside one jit, XLA may
-        # fuse and recompute entries (i, j) and (j, i) with different roundings.
-        k = _symmetrize(k)
-    return k
+    return _kernel(spec, x1, x2, sym, int(block_size), bool(exact_angles), degree, int(nodes))
 
 
 def nngp_diagonal(spec: MLPSpec, x) -> Array:

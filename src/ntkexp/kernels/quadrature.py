@@ -11,7 +11,8 @@ Daniely et al. 2016, section 4) gives::
 
 The coefficients ``a_k(q) = E[phi(sqrt(q) z) h_k(z)]`` are computed once per
 distinct variance (one per input point and layer) by a trapezoid rule in z
-with ``nodes`` points (see :func:`gaussian_rule`): ``A = (sqrt(w) * phi(sqrt(q) z)) @ Psi``, with ``Psi`` the
+with ``nodes`` points (see :func:`gaussian_rule`):
+``A = (sqrt(w) * phi(sqrt(q) z)) @ Psi``, with ``Psi`` the
 Hermite *functions* ``sqrt(w_m) h_k(z_m)`` (bounded, so no overflow in float32),
 a constant built once in float64 numpy. Then each pair costs one Horner
 evaluation of degree ``degree``.
@@ -174,7 +175,7 @@ class NumericalDual:
     nodes: int = DEFAULT_NODES
 
     def pair(self, q1: Array, c: Array, q2: Array) -> tuple[Array, Array]:
-        """``(T, Tdot)`` for all pairs: ``q1 (n1,)``, ``c (n1, n2)``, ``q2 (n2,)`` -> ``(n1, n2)`` each."""
+        """``(T, Tdot)`` ``q1 (n1,)``, ``c (n1, n2)``, ``q2 (n2,)`` -> ``(n1, n2)``."""
         t = _mehler_pair(self.act.fn, q1, c, q2, self.degree, self.nodes)
         td = _mehler_pair(self.act.derivative, q1, c, q2, self.degree, self.nodes)
         return t, td
