@@ -5,6 +5,9 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/jacot_fig1.yaml
 PRESET ?= cpu
 PYTEST_FLAGS ?=
+# JAX tests are compile-bound: two workers use both cores (one module per worker).
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 export PYTHONUNBUFFERED := 1
 
@@ -24,14 +27,14 @@ run: setup
 
 ## The whole fast suite (float32 and float64); slow checks are marked and excluded.
 test: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_FLAGS)
 
 ## Slow checks: convergence rates over widths, larger presets.
 test-slow: setup
-	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
+	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_FLAGS)
 
 test-all: setup
-	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_FLAGS)
 
 ## Benchmarks in matmul units; JSON to benchmarks/results/.
 bench: setup

@@ -4,7 +4,6 @@ the empirical NTK, and training through ``ntkexp.training.train``."""
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -54,13 +53,29 @@ def _optimizer(name: str, learning_rate: float, options: tuple):
     return OPTIMIZERS.get(name)(learning_rate=learning_rate, **dict(options))
 
 
-def train_unit(cfg, apply_fn, params, x, y, unit: Unit, progress):
-    """Train one network as ``cfg.train`` says; returns ``ntkexp.training.TrainResult``."""
+_FROM_CONFIG = object()
+
+
+def train_unit(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimizer=None,
+               learning_rate=None, batch_size=_FROM_CONFIG, record_steps=(), key_salt: int = 7):
+    """Train one network as ``cfg.train`` says; returns ``ntkexp.training.TrainResult``.
+
+    Args:
+      cfg, apply_fn, params, x, y, unit, progress: the unit being computed.
+      optimizer: registered optimizer name overriding ``cfg.train.optimizer``
+        (its ``optimizer_options`` are then not applied).
+      learning_rate: overrides ``unit.learning_rate``.
+      batch_size: overrides ``cfg.train.batch_size`` (None: full batch).
+      record_steps: steps at which ``train`` records its diagnostics.
+      key_salt: folded into the unit's key for the SGD batch order.
+    """
     from ntkexp.training import train
 
+    options = cfg.train.optimizer_options if optimizer is None else {}
     try:
-        opt = _optimizer(cfg.train.optimizer, unit.learning_rate,
-                         tuple(sorted(cfg.train.optimizer_options.items())))
+        opt = _optimizer(optimizer or cfg.train.optimizer,
+                         unit.learning_rate if learning_rate is None else learning_rate,
+                         tuple(sorted(options.items())))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"train.optimizer_options: {e}") from None
     done = [0]
@@ -69,12 +84,11 @@ def train_unit(cfg, apply_fn, params, x, y, unit: Unit, progress):
         progress(int(step) - done[0])
         done[0] = int(step)
 
-    kw = {}
-    if "callback" in inspect.signature(train).parameters:
-        kw["callback"] = callback
     res = train(apply_fn, params, x, y, optimizer=opt, steps=cfg.train.steps,
-                loss_reduction=cfg.train.loss_reduction, batch_size=cfg.train.batch_size,
-                key=jax.random.fold_in(init_key(cfg, unit), 7), **kw)
+                loss_reduction=cfg.train.loss_reduction,
+                batch_size=cfg.train.batch_size if batch_size is _FROM_CONFIG else batch_size,
+                key=jax.random.fold_in(init_key(cfg, unit), key_salt),
+                record_steps=record_steps, callback=callback)
     progress(cfg.train.steps - done[0])
     return res
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +48,8 @@ import numpy as np
 
 import ntkexp.models.two_layer  # noqa: F401  (registers the two_layer_relu architecture)
 from ntkexp.config import ConfigError
-from ntkexp.experiments.base import Experiment, Unit, init_key, register_experiment
-from ntkexp.experiments.common import build_network
+from ntkexp.experiments.base import Experiment, Unit, register_experiment
+from ntkexp.experiments.common import build_network, train_unit
 
 NAME = "du2019_fig1"
 
@@ -127,35 +126,11 @@ def record_schedule(steps: int, every: int) -> tuple[int, ...]:
 
 def train_recorded(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimizer=None,
                    learning_rate=None, batch_size=None, record_steps=(), key_salt: int = 7):
-    """Train one net with the config's loss, recording Du's diagnostics.
-
-    Like ``ntkexp.experiments.common.train_unit`` but with ``record_steps``
-    and an optional optimizer / batch-size override (used by the NGD vs GD
-    experiment). Returns ``ntkexp.training.TrainResult``.
-    """
-    from ntkexp.optim import OPTIMIZERS
-    from ntkexp.training import train
-
-    name = optimizer or cfg.train.optimizer
-    lr = unit.learning_rate if learning_rate is None else learning_rate
-    opts = dict(cfg.train.optimizer_options) if optimizer is None else {}
-    try:
-        opt = OPTIMIZERS.get(name)(learning_rate=lr, **opts)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.optimizer_options: {e}") from None
-    done = [0]
-
-    def callback(step, losses):
-        progress(int(step) - done[0])
-        done[0] = int(step)
-
-    kw = {"callback": callback} if "callback" in inspect.signature(train).parameters else {}
-    res = train(apply_fn, params, x, y, optimizer=opt, steps=cfg.train.steps,
-                loss_reduction=cfg.train.loss_reduction, batch_size=batch_size,
-                key=jax.random.fold_in(init_key(cfg, unit), key_salt),
-                record_steps=record_steps, **kw)
-    progress(cfg.train.steps - done[0])
-    return res
+    """:func:`ntkexp.experiments.common.train_unit` with full-batch GD unless
+    ``batch_size`` is given (Du et al. and the NGD comparison train full batch)."""
+    return train_unit(cfg, apply_fn, params, x, y, unit, progress, optimizer=optimizer,
+                      learning_rate=learning_rate, batch_size=batch_size,
+                      record_steps=record_steps, key_salt=key_salt)
 
 
 # --------------------------------------------------------------------------

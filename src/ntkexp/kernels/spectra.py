@@ -57,7 +57,8 @@ def gauss_jacobi(n: int, alpha: float, beta: float) -> tuple[np.ndarray, np.ndar
         off2[0] = 4 * (1 + alpha) * (1 + beta) / ((2 + ab) ** 2 * (3 + ab))
     jm = np.diag(diag) + np.diag(np.sqrt(off2), 1) + np.diag(np.sqrt(off2), -1)
     t, v = np.linalg.eigh(jm)
-    mu0 = 2 ** (ab + 1) * math.exp(math.lgamma(alpha + 1) + math.lgamma(beta + 1) - math.lgamma(ab + 2))
+    mu0 = 2 ** (ab + 1) * math.exp(
+        math.lgamma(alpha + 1) + math.lgamma(beta + 1) - math.lgamma(ab + 2))
     return t, mu0 * v[0] ** 2
 
 
@@ -155,8 +156,11 @@ def fit_decay_exponent(ks, mus) -> DecayFit:
     return DecayFit(float(-slope), float(np.exp(icpt)))
 
 
-def smoothness_gammas(activation: str | Activation, *, nodes: int = 4001) -> tuple[float, float, float]:
-    """``gamma_j = E[(sigma^(j)(u))^2]``, ``u ~ N(0, 1)``, ``j = 0, 1, 2`` (Bietti & Mairal 2019, Prop. 9).
+def smoothness_gammas(activation: str | Activation, *,
+                      nodes: int = 4001) -> tuple[float, float, float]:
+    """``gamma_j = E[(sigma^(j)(u))^2]``, ``u ~ N(0, 1)``, ``j = 0, 1, 2``.
+
+    Bietti & Mairal 2019, Proposition 9.
 
     Derivatives by autodiff of the activation; expectations by the trapezoid rule
     of :func:`ntkexp.kernels.quadrature.gaussian_rule` (float64 when x64 is on).

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -48,26 +47,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ntkexp.activations import Activation, get_activation
+from ntkexp.models.validation import check_int as _check_int
+from ntkexp.models.validation import check_std as _check_std
+from ntkexp.models.validation import norm_activation_params as _norm_activation_params
 
 Array = jax.Array
 READOUTS = ("gap", "vec")
-
-
-def _check_int(cls: str, name: str, v, *, minimum: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{cls}.{name} must be an integer >= {minimum}, got {v!r}")
-
-
-def _check_std(cls: str, name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{cls}.{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
-
-
-def _norm_activation_params(params) -> tuple:
-    if isinstance(params, Mapping):
-        params = tuple(sorted(params.items()))
-    return tuple(tuple(p) for p in params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ntkexp.activations import Activation, get_activation
+from ntkexp.models.validation import check_int, check_std, norm_activation_params
 
 Array = jax.Array
 PARAMETERIZATIONS = ("ntk", "standard")
@@ -62,24 +62,19 @@ class MLPSpec:
     activation_params: Any = ()
 
     def __post_init__(self):
-        params = self.activation_params
-        if isinstance(params, Mapping):
-            params = tuple(sorted(params.items()))
-        object.__setattr__(self, "activation_params", tuple(tuple(p) for p in params))
-        _check_int("depth", self.depth, minimum=0)
-        _check_int("width", self.width, minimum=1)
-        _check_int("out_dim", self.out_dim, minimum=1)
+        object.__setattr__(self, "activation_params",
+                           norm_activation_params(self.activation_params))
+        check_int("MLPSpec", "depth", self.depth, minimum=0)
+        check_int("MLPSpec", "width", self.width, minimum=1)
+        check_int("MLPSpec", "out_dim", self.out_dim, minimum=1)
         for name in ("W_std", "b_std"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"MLPSpec.{name} must be a finite number >= 0, got {v!r}")
-            object.__setattr__(self, name, float(v))
+            object.__setattr__(self, name, check_std("MLPSpec", name, getattr(self, name)))
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(
                 f"unknown parameterization {self.parameterization!r}; "
                 f"known: {', '.join(PARAMETERIZATIONS)}"
             )
-        self.act  # validates the activation name and its parameters
+        _ = self.act  # validates the activation name and its parameters
 
     @property
     def act(self) -> Activation:
@@ -97,11 +92,6 @@ class MLPSpec:
 
     def replace(self, **changes) -> MLPSpec:
         return dataclasses.replace(self, **changes)
-
-
-def _check_int(name: str, v, *, minimum: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"MLPSpec.{name} must be an integer >= {minimum}, got {v!r}")
 
 
 def layer_scales(spec: MLPSpec, fan_in: int) -> tuple[float, float]:
@@ -149,7 +139,7 @@ class MLP(nnx.Module):
     """
 
     def __init__(self, spec: MLPSpec, in_dim: int, *, rngs: nnx.Rngs, dtype=None):
-        _check_int("in_dim", in_dim, minimum=1)
+        check_int("MLP", "in_dim", in_dim, minimum=1)
         self.spec = spec
         self.in_dim = in_dim
         self.layers = nnx.List(

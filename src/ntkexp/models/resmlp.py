@@ -33,7 +33,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ntkexp.activations import Activation, get_activation
-from ntkexp.models.cnn import _check_int, _check_std, _norm_activation_params
+from ntkexp.models.validation import check_int as _check_int
+from ntkexp.models.validation import check_std as _check_std
+from ntkexp.models.validation import norm_activation_params as _norm_activation_params
 
 Array = jax.Array
 
