@@ -508,6 +508,19 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    """``distributed:`` section: a multi-host run through ``jax.distributed.initialize``
+    (see :func:`ntkexp.sharding.maybe_init_distributed`). Absent or ``enabled: false``:
+    a single-host run. Fields left null are auto-detected by JAX (SLURM, TPU pods)."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = dataclasses.field(default=None, metadata={"min": 1})
+    process_id: int | None = dataclasses.field(default=None, metadata={"min": 0})
+    local_device_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole, resolved config (presets and overrides already applied).
 
@@ -529,6 +542,7 @@ class RunConfig:
     plugins: tuple[str, ...] = ()
     description: str = ""
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     source: str = ""
     preset: str | None = None
 
@@ -542,7 +556,7 @@ class RunConfig:
 
 
 _TOP_KEYS = ("experiment", "seed", "dtype", "device", "plugins", "description", "model",
-             "data", "train", "params", "presets")
+             "data", "train", "params", "presets", "distributed")
 
 
 # --------------------------------------------------------------------------
@@ -701,7 +715,10 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     sections["model"] = model_from_dict(data.get("model"), path="model", source=source)
     for key, cls in (("data", DataConfig), ("train", TrainConfig), ("params", exp.params)):
         sections[key] = from_dict(cls, data.get(key), path=key, source=source)
-    top = {k: v for k, v in data.items() if k not in ("model", "data", "train", "params")}
+    sections["distributed"] = from_dict(DistributedSection, data.get("distributed"),
+                                        path="distributed", source=source)
+    top = {k: v for k, v in data.items()
+           if k not in ("model", "data", "train", "params", "distributed")}
     top.pop("experiment")
     # reuse the schema layer for the scalar top-level keys
     scalars = from_dict(_TopLevel, top, source=source)

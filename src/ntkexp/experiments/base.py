@@ -122,6 +122,10 @@ def setup_runtime(cfg) -> tuple[Any, Any]:
     other code in the process may rely on it). ``device: gpu`` without a GPU is a
     :class:`UserError`.
     """
+    if cfg.distributed.enabled:
+        from ntkexp.sharding import maybe_init_distributed
+
+        maybe_init_distributed(dataclasses.asdict(cfg.distributed))
     if cfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
@@ -166,6 +170,7 @@ def unit_hash(cfg, unit: Unit) -> str:
     at the same path is not mistaken for the old one."""
     d = cfg.to_dict()
     d.pop("device", None)
+    d.pop("distributed", None)
     d.pop("description", None)
     d.pop("plugins", None)
     d["model"]["width"] = unit.width
