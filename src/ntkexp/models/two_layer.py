@@ -109,30 +109,19 @@ def two_layer_kernel(spec: TwoLayerSpec, x1, x2=None) -> Kernel:
     (Cho & Saul 2009, arc-cosine kernel of degree 1), ``theta`` the angle
     between ``x`` and ``x'``. Zero-norm inputs give zero rows (no NaN).
     """
+    # The depth-1, bias-free ReLU recursion on inputs scaled by sqrt(d) has
+    # nngp = E[relu(w.x) relu(w.x')] and ntk - nngp = H^inf (ntkexp.kernels.du_gram),
+    # with exact angles near cos = +-1 and an exactly symmetric result for x2=None.
+    from ntkexp.kernels.analytic import analytic_kernel
+    from ntkexp.models.mlp import MLPSpec
+
     x1 = jnp.asarray(x1)
-    sym = x2 is None
-    x2 = x1 if sym else jnp.asarray(x2)
-    dot = x1 @ x2.T
-    n1 = _safe_norm(x1)[:, None]
-    n2 = _safe_norm(x2)[None, :]
-    s = n1 * n2
-    cos = jnp.clip(dot / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
-    # arccos has an infinite derivative at +-1; use the branch value there (gradient 0)
-    inner = jnp.abs(cos) < 1.0
-    th = jnp.where(inner, jnp.arccos(jnp.where(inner, cos, 0.0)), jnp.where(cos > 0, 0.0, jnp.pi))
-    sin = jnp.sqrt(jnp.where(inner, 1.0 - cos * cos, 1.0)) * inner
-    ntk = dot * (jnp.pi - th) / (2 * jnp.pi)
-    nngp = spec.kappa**2 * s * (sin + (jnp.pi - th) * cos) / (2 * jnp.pi)
-    if sym:
-        ntk = 0.5 * (ntk + ntk.T)
-        nngp = 0.5 * (nngp + nngp.T)
-    return Kernel(nngp, ntk)
-
-
-def _safe_norm(x):
-    sq = jnp.sum(x * x, axis=1)
-    pos = sq > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+    if x1.ndim != 2:
+        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
+    scale = math.sqrt(x1.shape[1])
+    k = analytic_kernel(MLPSpec(depth=1, width=1, activation="relu"), x1 * scale,
+                        None if x2 is None else jnp.asarray(x2) * scale)
+    return Kernel(spec.kappa**2 * k.nngp, k.ntk - k.nngp)
 
 
 def _build_two_layer(spec: TwoLayerSpec, in_dim: int, key, dtype=None):
