@@ -8,7 +8,7 @@ available (and the closest match), so a typo in a config is one clear line.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -87,7 +87,3 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
 
-
-def registered(registry: Registry[T], name: str) -> Callable[[T], T]:
-    """Decorator form: ``@registered(ACTIVATIONS, "relu")``."""
-    return registry.register(name)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ntkexp.activations import Activation, get_activation
+from ntkexp.models.validation import SpecActivationMixin
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
@@ -56,7 +56,7 @@ READOUTS = ("gap", "vec")
 
 
 @dataclasses.dataclass(frozen=True)
-class CNNSpec:
+class CNNSpec(SpecActivationMixin):
     """A convolutional network, as the analytic and the finite side both see it.
 
     Attributes:
@@ -114,17 +114,8 @@ class CNNSpec:
         _ = self.act  # validates the activation name and its parameters
 
     @property
-    def act(self) -> Activation:
-        """The :class:`Activation` object for this spec."""
-        return get_activation(self.activation, dict(self.activation_params))
-
-    @property
     def channels(self) -> int:
         return self.width
-
-    @property
-    def has_bias(self) -> bool:
-        return self.b_std > 0
 
     def resolve(self, in_shape) -> CNNSpec:
         """This spec with ``image_shape`` fixed from an input: an int ``d``

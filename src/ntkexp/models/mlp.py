@@ -28,15 +28,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ntkexp.activations import Activation, get_activation
-from ntkexp.models.validation import check_int, check_std, norm_activation_params
+from ntkexp.models.validation import (
+    SpecActivationMixin,
+    check_int,
+    check_std,
+    norm_activation_params,
+)
 
 Array = jax.Array
 PARAMETERIZATIONS = ("ntk", "standard")
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPSpec:
+class MLPSpec(SpecActivationMixin):
     """A fully connected network, as the analytic and the finite side both see it.
 
     Attributes:
@@ -75,15 +79,6 @@ class MLPSpec:
                 f"known: {', '.join(PARAMETERIZATIONS)}"
             )
         _ = self.act  # validates the activation name and its parameters
-
-    @property
-    def act(self) -> Activation:
-        """The :class:`Activation` object for this spec."""
-        return get_activation(self.activation, dict(self.activation_params))
-
-    @property
-    def has_bias(self) -> bool:
-        return self.b_std > 0
 
     def layer_dims(self, in_dim: int) -> list[tuple[int, int]]:
         """``[(n_in, n_out)]`` for the ``depth + 1`` dense layers."""

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ntkexp.activations import Activation, get_activation
+from ntkexp.models.validation import SpecActivationMixin
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
@@ -41,7 +41,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class ResMLPSpec:
+class ResMLPSpec(SpecActivationMixin):
     """A residual MLP, as the analytic and the finite side both see it.
 
     Attributes:
@@ -73,14 +73,6 @@ class ResMLPSpec:
         for name in ("alpha", "W_std", "b_std"):
             object.__setattr__(self, name, _check_std("ResMLPSpec", name, getattr(self, name)))
         _ = self.act  # validates the activation name and its parameters
-
-    @property
-    def act(self) -> Activation:
-        return get_activation(self.activation, dict(self.activation_params))
-
-    @property
-    def has_bias(self) -> bool:
-        return self.b_std > 0
 
     def replace(self, **changes) -> ResMLPSpec:
         return dataclasses.replace(self, **changes)

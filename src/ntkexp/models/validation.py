@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from ntkexp.activations import Activation, get_activation
+
 
 def check_int(cls: str, name: str, v, *, minimum: int) -> None:
     """Raise ``ValueError`` unless ``v`` is an int (not bool) ``>= minimum``."""
@@ -24,3 +26,17 @@ def norm_activation_params(params) -> tuple:
     if isinstance(params, Mapping):
         params = tuple(sorted(params.items()))
     return tuple(tuple(p) for p in params)
+
+
+class SpecActivationMixin:
+    """``act`` and ``has_bias`` for frozen specs with ``activation``,
+    ``activation_params`` and ``b_std`` fields."""
+
+    @property
+    def act(self) -> Activation:
+        """The :class:`Activation` object for this spec."""
+        return get_activation(self.activation, dict(self.activation_params))
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_std > 0
