@@ -162,6 +162,53 @@ def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
             assert rel_err(a[i], b) < 100 * tol["agree"]
 
 
+@pytest.mark.parametrize("opt, mode, threads", [("gd", "vmap", 3), ("sgd", "vmap", 4),
+                                                ("gd", "sequential", 2)])
+def test_host_threads_give_the_same_numbers(opt, mode, threads, dtype, tol):
+    """Members split over host threads (uneven groups: 10 = 4+4+2, 3+3+3+1) equal one program."""
+    spec = MLPSpec(depth=2, width=12, b_std=0.3)
+    f = MLPApply(spec)
+    x, y = _data(dtype, n=12, d=3)
+    keys = jax.random.split(jax.random.key(0), 10)
+    _, ps = init_ensemble(spec, 3, keys, dtype)
+    kw = dict(steps=12, ensemble=True, ensemble_mode=mode, record_steps=(0, 5, 12),
+              probe_x=x[:3], chunk_size=5)
+    if opt == "gd":
+        kw["optimizer"] = gd(0.5)
+    else:  # one mini-batch key per member
+        kw.update(optimizer=sgd(0.5), batch_size=4, key=jax.random.split(jax.random.key(3), 10))
+    seen = []
+    split = train(f, ps, x, y, threads=threads, callback=lambda s, L: seen.append(L.shape), **kw)
+    one = train(f, ps, x, y, threads=1, **kw)
+    assert seen == [(10, 5), (10, 10), (10, 12)]
+    assert split.record_steps == one.record_steps == (0, 5, 12)
+    for a, b in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(one), strict=True):
+        assert np.shape(a) == np.shape(b)
+        assert rel_err(a, b) < 100 * tol["agree"]
+
+
+def test_default_threads_split_long_runs_into_equal_groups(monkeypatch):
+    from ntkexp import training
+
+    monkeypatch.setattr(training, "_host_cores", lambda: 4)
+    assert training._auto_threads(10, 1000) == 2  # 4 and 3 do not divide 10
+    assert training._auto_threads(12, 1000) == 4
+    assert training._auto_threads(7, 1000) == 1  # no equal split: one program
+    assert training._auto_threads(10, 50) == 1  # short run: compiling dominates
+    assert training._auto_threads(None, 1000) == 1  # not an ensemble
+
+
+def test_member_groups_cover_every_member_once():
+    from ntkexp.training import _member_groups
+
+    for K in range(1, 13):
+        for threads in range(1, 6):
+            g = _member_groups(K, threads)
+            assert g[0][0] == 0 and g[-1][1] == K and len(g) <= min(K, threads)
+            assert all(a < b for a, b in g)
+            assert all(g[i][1] == g[i + 1][0] for i in range(len(g) - 1))
+
+
 # --------------------------------------------------------------------------
 # Loss scaling, SGD, masks, records, callback
 # --------------------------------------------------------------------------
@@ -287,6 +334,8 @@ def test_bad_input_errors():
         train(f, p, x, y, optimizer=gd(-0.1), steps=1)
     with pytest.raises(ValueError, match="damping"):
         train(f, p, x, y, optimizer=ngd(0.1, damping=-1.0), steps=1)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        train(f, p, x, y, optimizer=gd(0.1), steps=1, threads=0)
 
 
 def test_divergence_stops_with_step_and_value():

@@ -17,14 +17,20 @@ fraction of flipped activation patterns (Du et al. 2019, Fig. 1b) and
 
 ``ensemble=True`` trains K stacked initialisations (every params leaf has a
 leading axis K; build them with :func:`init_ensemble`) in one vmapped program,
-so K initialisations cost about one K-times-larger batch.
+so K initialisations cost about one K-times-larger batch. On CPU the members
+are split into one group per available core, each group a program of its own
+run from a host thread (``threads``): XLA:CPU runs one program's small ops on
+one core. Models that define ``vjp(params, x)`` (``MLPApply``) get their
+gradients from it rather than from ``jax.vjp``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -150,6 +156,35 @@ def _loss(cfg: _Config, f, p, xb, yb):
     return val, r
 
 
+def _loss_and_grad(cfg: _Config, frozen, p, xb, yb):
+    """``(loss, residual, grad)`` on a batch, with the model's own pullback if it has one.
+
+    The gradient of ``L = (1/2) c ||f(theta, x) - y||^2`` is ``c J^T r``, one
+    vjp of the residual ``r`` (``c = 1/n`` for the mean loss). Apply objects
+    may define ``vjp(params, x) -> (out, pullback)`` (``MLPApply`` does: a
+    hand-written backward pass, see :meth:`ntkexp.models.mlp.MLPApply.vjp`);
+    anything else goes through ``jax.vjp``.
+    """
+    part = cfg.partition
+    own_vjp = getattr(cfg.apply_fn, "vjp", None)
+    if callable(own_vjp):
+        out, pull_full = own_vjp(part.combine(p, frozen), xb)
+
+        def pull(c):
+            return part.split(pull_full(c))[0]
+    else:
+        out, pull_tr = jax.vjp(lambda q: cfg.apply_fn(part.combine(q, frozen), xb), p)
+
+        def pull(c):
+            return pull_tr(c)[0]
+    r = out - yb
+    val = 0.5 * jnp.sum(r * r)
+    if cfg.loss_reduction == "mean":
+        val = val / xb.shape[0]
+        return val, r, pull(r / xb.shape[0])
+    return val, r, pull(r)
+
+
 def _batch_indices(cfg: _Config, key, step, n):
     b = cfg.batch_size
     if cfg.replace:
@@ -176,7 +211,7 @@ def _make_body(cfg: _Config, frozen, key, x, y):
         else:
             idx = _batch_indices(cfg, key, step, n)
             xb, yb = x[idx], y[idx]
-        (val, r), g = jax.value_and_grad(lambda q: _loss(cfg, f_tr, q, xb, yb), has_aux=True)(p)
+        val, r, g = _loss_and_grad(cfg, frozen, p, xb, yb)
         if cfg.batch_size is not None:
             val = _loss(cfg, f_tr, p, x, y)[0]
         upd, s = opt.update(g, s, p, x=xb, residual=r, apply_fn=f_tr)
@@ -233,8 +268,7 @@ def _sequential_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x
     return jax.lax.map(one, (p_tr, opt_state, frozen, keys))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "length"))
-def _run_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
+def _chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
     if cfg.ensemble and cfg.unroll_members == "unroll":
         return _unrolled_chunk(cfg, length, p_tr, opt_state, frozen, key, x, y, start)
     if cfg.ensemble and cfg.unroll_members == "sequential":
@@ -243,6 +277,99 @@ def _run_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, st
     if cfg.ensemble:
         fn = jax.vmap(fn, in_axes=(0, 0, 0, 0 if cfg.key_per_member else None, None, None, None))
     return fn(p_tr, opt_state, frozen, key, x, y, start)
+
+
+# XLA:CPU otherwise copies every parameter buffer at the top of each scan step
+# (copy insertion cannot prove the in-place update safe); measured 8% of a
+# width-50 step. Only passed where the compiler knows the option.
+_CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+_run_chunk_plain = jax.jit(_chunk, static_argnames=("cfg", "length"))
+_run_chunk_cpu = jax.jit(_chunk, static_argnames=("cfg", "length"), compiler_options=_CPU_OPTIONS)
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+    try:
+        jax.jit(lambda a: a + 1, compiler_options=_CPU_OPTIONS).lower(1.0).compile()
+    except Exception:  # noqa: BLE001 - an unknown option: compile without it
+        return False
+    return True
+
+
+def _run_chunk(cfg: _Config, length: int, *args):
+    if jax.default_backend() == "cpu" and _cpu_options_supported():
+        return _run_chunk_cpu(cfg, length, *args)
+    return _run_chunk_plain(cfg, length, *args)
+
+
+def _host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool of ``workers`` threads (starting threads on every call costs ~1 ms)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="ntkexp-train")
+    return _POOLS[workers]
+
+
+_THREAD_MIN_STEPS = 200
+
+
+def _auto_threads(K: int | None, steps: int) -> int:
+    """Default host threads: the most groups (<= cores) of equal size >= 2 that divide K.
+
+    Equal groups share one compiled program; short runs (< 200 steps) are not
+    split, since there compiling dominates and splitting cannot pay.
+    """
+    if K is None or steps < _THREAD_MIN_STEPS:
+        return 1
+    for g in range(min(_host_cores(), K // 2), 1, -1):
+        if K % g == 0:
+            return g
+    return 1
+
+
+def _member_groups(K: int, threads: int) -> list[tuple[int, int]]:
+    """Split ``range(K)`` into ``threads`` contiguous near-equal groups ``(start, stop)``."""
+    threads = max(1, min(threads, K))
+    size = -(-K // threads)
+    return [(a, min(a + size, K)) for a in range(0, K, size)]
+
+
+@functools.partial(jax.jit, static_argnames=("groups",))
+def _split_groups(tree, groups):
+    return [jax.tree_util.tree_map(lambda l, g=g: l[g[0]:g[1]], tree) for g in groups]
+
+
+@jax.jit
+def _concat_groups(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *trees)
+
+
+def _concat(trees):
+    return trees[0] if len(trees) == 1 else _concat_groups(trees)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _setup(cfg: _Config, params):
+    """``(trainable, frozen, optimizer state)`` from the full parameters, in one program."""
+    split = jax.vmap(cfg.partition.split) if cfg.ensemble else cfg.partition.split
+    p_tr, frozen = split(params)
+    opt_state = jax.vmap(cfg.optimizer.init)(p_tr) if cfg.ensemble else cfg.optimizer.init(p_tr)
+    return p_tr, frozen, opt_state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _combine(cfg: _Config, p_tr, frozen):
+    combine = jax.vmap(cfg.partition.combine) if cfg.ensemble else cfg.partition.combine
+    return combine(p_tr, frozen)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -287,6 +414,32 @@ def _record(cfg: _Config, with_probe: bool, p_tr, frozen, params0, x, probe_x):
 # --------------------------------------------------------------------------
 
 
+_SHAPE_CACHE: dict = {}
+
+
+def _output_shape(apply_fn, params, x):
+    """``jax.eval_shape(apply_fn, params, x)``, cached per model and shapes; clear error."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    key = (apply_fn, treedef, tuple((jnp.shape(l), jnp.result_type(l)) for l in leaves),
+           x.shape, x.dtype)
+    try:
+        hit = _SHAPE_CACHE.get(key)
+    except TypeError:  # an unhashable apply_fn: no cache
+        return _eval_output_shape(apply_fn, params, x)
+    if hit is None:
+        if len(_SHAPE_CACHE) > 256:
+            _SHAPE_CACHE.clear()
+        hit = _SHAPE_CACHE[key] = _eval_output_shape(apply_fn, params, x)
+    return hit
+
+
+def _eval_output_shape(apply_fn, params, x):
+    try:
+        return jax.eval_shape(apply_fn, params, x)
+    except Exception as e:  # noqa: BLE001 - any failure here is a shape/type mismatch
+        raise ValueError(f"apply_fn(params, x) fails on x of shape {tuple(x.shape)}: {e}") from None
+
+
 def _check_int(name, v, minimum):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -312,6 +465,7 @@ def train(
     chunk_size: int | None = None,
     replace: bool = False,
     ensemble_mode: str = "auto",
+    threads: int | None = None,
 ) -> TrainResult:
     """Train ``apply_fn`` on the squared loss; jit + ``lax.scan`` (+ ``vmap`` for ensembles).
 
@@ -332,7 +486,8 @@ def train(
         default ``jax.random.key(0)``.
       ensemble: params carry a leading axis K of stacked initialisations.
       trainable: mask of trained leaves: a pytree of bools that is a prefix of
-        params, a callable ``params -> mask``, or None (the apply object's
+        params, a callable ``params -> mask`` (given one member's parameters, as
+        ``jax.ShapeDtypeStruct`` leaves with ``ensemble``), or None (the apply object's
         ``trainable_mask`` if it has one, else everything).
       record_steps: steps (0..steps) at which to record diagnostics.
       probe_x: ``(n_probe, d)`` points for the recorded outputs and NTK.
@@ -350,6 +505,13 @@ def train(
         (vmap, except on CPU when a member has over 1 MiB of parameters:
         sequential, measured 2.5x faster than vmap/unroll at width 1000).
         All give the same numbers to rounding.
+      threads: host threads an ensemble is split over, each running its
+        share of the members as its own compiled program (CPU only: XLA:CPU
+        runs one program's small ops on one core). Default on CPU: the largest
+        number of equal groups of at least 2 members, at most the number of
+        cores available to the process, for runs of 200 steps or more (shorter
+        runs are dominated by compiling); 1 elsewhere. Same numbers to
+        rounding for any value.
 
     Returns:
       A :class:`TrainResult`.
@@ -385,11 +547,11 @@ def train(
         if len(shapes) != 1 or () in shapes:
             raise ValueError("with ensemble=True every params leaf needs the same leading axis K")
         (K,) = shapes.pop()
-    one_params = jax.tree_util.tree_map(lambda l: l[0], params) if ensemble else params
-    try:
-        out = jax.eval_shape(apply_fn, one_params, x)
-    except Exception as e:  # noqa: BLE001 - any failure here is a shape/type mismatch
-        raise ValueError(f"apply_fn(params, x) fails on x of shape {tuple(x.shape)}: {e}") from None
+    # one member's shapes (no arrays sliced: this runs on every call)
+    one_params = jax.tree_util.tree_map(
+        lambda l: jax.ShapeDtypeStruct(jnp.shape(l)[1:], jnp.result_type(l)), params
+    ) if ensemble else params
+    out = _output_shape(apply_fn, one_params, x)
     if tuple(out.shape) != tuple(y.shape):
         raise ValueError(
             f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}"
@@ -430,14 +592,15 @@ def train(
             # interleaving members streams K working sets through the cache every step;
             # beyond a few MB per member, finishing one member at a time is faster
             unroll = "sequential" if member_bytes > _SEQUENTIAL_BYTES else "vmap"
+    if threads is None:
+        threads = _auto_threads(K, steps) if jax.default_backend() == "cpu" else 1
+    threads = _check_int("threads", threads, 1)
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
                   key_per_member, unroll)
 
-    split = jax.vmap(part.split) if ensemble else part.split
-    p_tr, frozen = split(params)
-    opt_state = jax.vmap(opt.init)(p_tr) if ensemble else opt.init(p_tr)
+    p_tr, frozen, opt_state = _setup(cfg, params)
     params0 = params
 
     if chunk_size is None:
@@ -472,16 +635,37 @@ def train(
             "lower the learning rate (for ngd, or add damping)"
         )
 
+    # ensemble members split into groups, one host thread each (one group: no threads)
+    groups = _member_groups(K, threads) if ensemble else [(0, 1)]
+    if len(groups) == 1:
+        states = [(p_tr, opt_state, frozen, key)]
+    else:
+        gs = tuple(groups)
+        keys = _split_groups(key, gs) if key_per_member else [key] * len(gs)
+        states = list(zip(*(_split_groups(t, gs) for t in (p_tr, opt_state, frozen)), keys,
+                          strict=True))
+
+    def run_group(st, a, b):
+        p, s, fr, k = st
+        out = _run_chunk(cfg, b - a, p, s, fr, k, x, y, jnp.asarray(a, jnp.int32))
+        return jax.block_until_ready(out)
+
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if a in rec:
+            p_tr, frozen = _concat([st[0] for st in states]), _concat([st[2] for st in states])
             do_record()
-        p_tr, opt_state, ls = _run_chunk(cfg, b - a, p_tr, opt_state, frozen, key, x, y,
-                                         jnp.asarray(a, jnp.int32))
-        ls = np.asarray(ls)
+        if len(states) == 1:
+            outs = [run_group(states[0], a, b)]
+        else:
+            outs = list(_pool(len(states)).map(lambda st, a=a, b=b: run_group(st, a, b), states))
+        states = [(o[0], o[1], st[2], st[3]) for o, st in zip(outs, states, strict=True)]
+        ls = np.concatenate([np.asarray(o[2]) for o in outs], axis=0) if ensemble else (
+            np.asarray(outs[0][2]))
         check(ls, a)
         loss_chunks.append(ls)
         if callback is not None:
             callback(b, np.concatenate(loss_chunks, axis=-1))
+    p_tr, opt_state = _concat([st[0] for st in states]), _concat([st[1] for st in states])
     last = np.asarray(_final_loss(cfg, p_tr, frozen, x, y))
     check(last[..., None], steps)
     loss_chunks.append(last[..., None])
@@ -489,8 +673,7 @@ def train(
         do_record()
 
     losses = jnp.asarray(np.concatenate(loss_chunks, axis=-1))
-    combine = jax.vmap(part.combine) if ensemble else part.combine
-    final = combine(p_tr, frozen)
+    final = _combine(cfg, p_tr, frozen)
 
     def stack(name):
         if name not in records:

@@ -200,6 +200,73 @@ class MLPApply:
             a = act.fn(z) if h < n_layers - 1 else z
         return a, inputs
 
+    def vjp(self, params, x: Array):
+        """Forward pass and a hand-written pullback: ``(out, pullback)``.
+
+        Equal to ``jax.vjp(lambda p: self(p, x), params)`` (to rounding), but
+        the backward pass is spelled out layer by layer (chain rule; Jacot et
+        al. 2018, eq. 1):
+
+            dL/dW^(h) = w_mult_h  a^(h)T g^(h),    dL/db^(h) = b_mult_h sum_i g^(h)_i,
+            g^(h-1)   = sigma'(z^(h-1)) * (w_mult_h  g^(h) W^(h)T),
+
+        with ``g^(h) = dL/dz^(h)``. The layer inputs are transposed once, as
+        small ``(n_in, n)`` arrays, so that each weight gradient is a plain
+        ``(n_in, n) @ (n, n_out)`` matmul: XLA:CPU otherwise contracts over
+        the batch axis in place, measured 3x slower for the many small
+        matmuls of short-batch training (``benchmarks/bench_training.py``).
+        :func:`ntkexp.training.train` uses this pullback when the model has
+        one. Reverse mode only: it is not itself differentiable in forward
+        mode (``jvp`` of the pullback), which training never needs.
+
+        Args:
+          params: MLP parameter pytree.
+          x: inputs ``(n, in_dim)``.
+
+        Returns:
+          ``(out (n, out_dim), pullback)``; ``pullback(ct)`` maps a cotangent
+          ``ct`` of shape ``(n, out_dim)`` to a gradient pytree shaped like
+          ``params``.
+        """
+        layers = params["layers"]
+        n_layers = self.spec.depth + 1
+        act = self.spec.act
+        x = jnp.asarray(x)
+        if len(layers) != n_layers or x.ndim != 2 or x.shape[1] != layers[0]["W"].shape[0]:
+            self.forward(params, x)  # raises the forward pass's one-line error
+        # forward pass, keeping each layer input and the activation's pullback
+        inputs, pulls = [], []
+        a = x.astype(layers[0]["W"].dtype)
+        for h in range(n_layers):
+            p = layers[h]
+            inputs.append(a)
+            w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
+            z = w_mult * (a @ p["W"])
+            if "b" in p:
+                z = z + b_mult * p["b"][None, :]
+            if h < n_layers - 1:
+                a, pull = jax.vjp(act.fn, z)
+                pulls.append(pull)
+            else:
+                a = z
+        out = a
+
+        def pullback(ct):
+            g = jnp.asarray(ct, out.dtype)
+            grads = [None] * n_layers
+            for h in reversed(range(n_layers)):
+                p = layers[h]
+                w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
+                grads[h] = {"W": w_mult * (_transposed(inputs[h]) @ g)}
+                if "b" in p:
+                    grads[h]["b"] = b_mult * jnp.sum(g, axis=0)
+                if h > 0:
+                    # g W^T as one dot_general (no transposed copy of W)
+                    ga = jax.lax.dot_general(g, p["W"], (((1,), (1,)), ((), ())))
+                    g = pulls[h - 1](w_mult * ga)[0]
+            return {"layers": {h: grads[h] for h in range(n_layers)}}
+
+        return out, pullback
 
     def structure(self, params, x: Array) -> MLPStructure:
         """Layer inputs and backward vectors for the structured empirical NTK.
@@ -268,6 +335,11 @@ class MLPStructure(NamedTuple):
     backward: tuple
     w_mults: tuple
     b_mults: tuple
+
+
+def _transposed(a: Array) -> Array:
+    """``a.T`` materialised: the barrier stops XLA folding the transpose back into the dot."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2))
 
 
 def init_params(spec: MLPSpec, in_dim: int, key: Array, dtype=None):
