@@ -146,6 +146,7 @@ class _Config(NamedTuple):
     ensemble: bool
     key_per_member: bool
     unroll_members: str = "vmap"  # ensemble layout: "vmap", "unroll" or "sequential"
+    small: bool = False  # <= 1 MiB of parameters per member: no intra-op threading on CPU
 
 
 def _loss(cfg: _Config, f, p, xb, yb):
@@ -283,14 +284,20 @@ def _chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start)
 # (copy insertion cannot prove the in-place update safe); measured 8% of a
 # width-50 step. Only passed where the compiler knows the option.
 _CPU_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# Small models: no loop split across the intra-op thread pool. Waking the pool
+# costs more than these ops (a 10 x 2 x 50 gradient fusion took 16 us split,
+# under 1 us not), and ``train`` runs ensemble groups on their own threads.
+_CPU_SMALL_OPTIONS = {**_CPU_OPTIONS, "xla_disable_hlo_passes": "cpu-parallel-task-assigner"}
 _run_chunk_plain = jax.jit(_chunk, static_argnames=("cfg", "length"))
 _run_chunk_cpu = jax.jit(_chunk, static_argnames=("cfg", "length"), compiler_options=_CPU_OPTIONS)
+_run_chunk_cpu_small = jax.jit(_chunk, static_argnames=("cfg", "length"),
+                               compiler_options=_CPU_SMALL_OPTIONS)
 
 
 @functools.cache
 def _cpu_options_supported() -> bool:
     try:
-        jax.jit(lambda a: a + 1, compiler_options=_CPU_OPTIONS).lower(1.0).compile()
+        jax.jit(lambda a: a + 1, compiler_options=_CPU_SMALL_OPTIONS).lower(1.0).compile()
     except Exception:  # noqa: BLE001 - an unknown option: compile without it
         return False
     return True
@@ -298,7 +305,7 @@ def _cpu_options_supported() -> bool:
 
 def _run_chunk(cfg: _Config, length: int, *args):
     if jax.default_backend() == "cpu" and _cpu_options_supported():
-        return _run_chunk_cpu(cfg, length, *args)
+        return (_run_chunk_cpu_small if cfg.small else _run_chunk_cpu)(cfg, length, *args)
     return _run_chunk_plain(cfg, length, *args)
 
 
@@ -597,8 +604,9 @@ def train(
     threads = _check_int("threads", threads, 1)
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
+    member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // (K or 1)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
-                  key_per_member, unroll)
+                  key_per_member, unroll, member_bytes <= _SEQUENTIAL_BYTES)
 
     p_tr, frozen, opt_state = _setup(cfg, params)
     params0 = params
@@ -640,10 +648,10 @@ def train(
     if len(groups) == 1:
         states = [(p_tr, opt_state, frozen, key)]
     else:
-        gs = tuple(groups)
-        keys = _split_groups(key, gs) if key_per_member else [key] * len(gs)
-        states = list(zip(*(_split_groups(t, gs) for t in (p_tr, opt_state, frozen)), keys,
-                          strict=True))
+        # one dispatch: (params, state, frozen, per-member keys) sliced per group
+        parts = _split_groups((p_tr, opt_state, frozen, key if key_per_member else None),
+                              tuple(groups))
+        states = [(p, s, fr, k if key_per_member else key) for p, s, fr, k in parts]
 
     def run_group(st, a, b):
         p, s, fr, k = st
@@ -665,7 +673,7 @@ def train(
         loss_chunks.append(ls)
         if callback is not None:
             callback(b, np.concatenate(loss_chunks, axis=-1))
-    p_tr, opt_state = _concat([st[0] for st in states]), _concat([st[1] for st in states])
+    p_tr, opt_state = _concat([st[:2] for st in states])
     last = np.asarray(_final_loss(cfg, p_tr, frozen, x, y))
     check(last[..., None], steps)
     loss_chunks.append(last[..., None])
