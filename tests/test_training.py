@@ -162,26 +162,24 @@ def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
             assert rel_err(a[i], b) < 100 * tol["agree"]
 
 
-@pytest.mark.parametrize("opt, mode, threads", [("gd", "vmap", 3), ("sgd", "vmap", 4),
-                                                ("gd", "sequential", 2)])
+@pytest.mark.parametrize("opt, mode, threads", [("gd", "vmap", 3), ("sgd", "sequential", 2)])
 def test_host_threads_give_the_same_numbers(opt, mode, threads, dtype, tol):
-    """Members split over host threads (uneven groups: 10 = 4+4+2, 3+3+3+1) equal one program."""
+    """Members split over host threads (uneven groups: 5 = 2+2+1, 3+2) equal one program."""
     spec = MLPSpec(depth=2, width=12, b_std=0.3)
     f = MLPApply(spec)
     x, y = _data(dtype, n=12, d=3)
-    keys = jax.random.split(jax.random.key(0), 10)
+    keys = jax.random.split(jax.random.key(0), 5)
     _, ps = init_ensemble(spec, 3, keys, dtype)
-    kw = dict(steps=12, ensemble=True, ensemble_mode=mode, record_steps=(0, 5, 12),
-              probe_x=x[:3], chunk_size=5)
+    kw = dict(steps=12, ensemble=True, ensemble_mode=mode, chunk_size=5)
     if opt == "gd":
-        kw["optimizer"] = gd(0.5)
+        kw.update(optimizer=gd(0.5), record_steps=(0, 5, 12), probe_x=x[:3])
     else:  # one mini-batch key per member
-        kw.update(optimizer=sgd(0.5), batch_size=4, key=jax.random.split(jax.random.key(3), 10))
+        kw.update(optimizer=sgd(0.5), batch_size=4, key=jax.random.split(jax.random.key(3), 5))
     seen = []
     split = train(f, ps, x, y, threads=threads, callback=lambda s, L: seen.append(L.shape), **kw)
     one = train(f, ps, x, y, threads=1, **kw)
-    assert seen == [(10, 5), (10, 10), (10, 12)]
-    assert split.record_steps == one.record_steps == (0, 5, 12)
+    assert seen == [(5, 5), (5, 10), (5, 12)]
+    assert split.record_steps == one.record_steps
     for a, b in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(one), strict=True):
         assert np.shape(a) == np.shape(b)
         assert rel_err(a, b) < 100 * tol["agree"]
