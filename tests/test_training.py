@@ -194,6 +194,7 @@ def test_default_threads_split_long_runs_into_equal_groups(monkeypatch):
     assert training._auto_threads(7, 1000) == 1  # no equal split: one program
     assert training._auto_threads(10, 50) == 1  # short run: compiling dominates
     assert training._auto_threads(None, 1000) == 1  # not an ensemble
+    assert training._auto_threads(10, 1000, member_bytes=800 << 20) == 1  # width 10^4
 
 
 def test_member_groups_cover_every_member_once():

@@ -329,13 +329,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 _THREAD_MIN_STEPS = 200
 
 
-def _auto_threads(K: int | None, steps: int) -> int:
+_THREAD_MAX_MEMBER_BYTES = 64 << 20
+
+
+def _auto_threads(K: int | None, steps: int, member_bytes: int = 0) -> int:
     """Default host threads: the most groups (<= cores) of equal size >= 2 that divide K.
 
     Equal groups share one compiled program; short runs (< 200 steps) are not
-    split, since there compiling dominates and splitting cannot pay.
+    split, since there compiling dominates and splitting cannot pay; nor are
+    members over 64 MiB, whose matmuls already use every core (and splitting
+    copies the parameters once more).
     """
-    if K is None or steps < _THREAD_MIN_STEPS:
+    if K is None or steps < _THREAD_MIN_STEPS or member_bytes > _THREAD_MAX_MEMBER_BYTES:
         return 1
     for g in range(min(_host_cores(), K // 2), 1, -1):
         if K % g == 0:
@@ -517,7 +522,8 @@ def train(
         runs one program's small ops on one core). Default on CPU: the largest
         number of equal groups of at least 2 members, at most the number of
         cores available to the process, for runs of 200 steps or more (shorter
-        runs are dominated by compiling); 1 elsewhere. Same numbers to
+        runs are dominated by compiling) and members of at most 64 MiB (larger
+        ones already use every core); 1 elsewhere. Same numbers to
         rounding for any value.
 
     Returns:
@@ -600,7 +606,10 @@ def train(
             # beyond a few MB per member, finishing one member at a time is faster
             unroll = "sequential" if member_bytes > _SEQUENTIAL_BYTES else "vmap"
     if threads is None:
-        threads = _auto_threads(K, steps) if jax.default_backend() == "cpu" else 1
+        threads = 1
+        if jax.default_backend() == "cpu" and ensemble:
+            member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // K
+            threads = _auto_threads(K, steps, member_bytes)
     threads = _check_int("threads", threads, 1)
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
@@ -618,7 +627,7 @@ def train(
 
     records: dict[str, list] = {}
 
-    def do_record():
+    def do_record(p_tr, frozen):
         r = _record(cfg, with_probe, p_tr, frozen, params0, x, probe_x if with_probe else x[:1])
         for k, v in r.items():
             records.setdefault(k, []).append(v)
@@ -652,6 +661,7 @@ def train(
         parts = _split_groups((p_tr, opt_state, frozen, key if key_per_member else None),
                               tuple(groups))
         states = [(p, s, fr, k if key_per_member else key) for p, s, fr, k in parts]
+        p_tr = opt_state = parts = None  # the groups hold the only copy from here on
 
     def run_group(st, a, b):
         p, s, fr, k = st
@@ -660,8 +670,7 @@ def train(
 
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if a in rec:
-            p_tr, frozen = _concat([st[0] for st in states]), _concat([st[2] for st in states])
-            do_record()
+            do_record(_concat([st[0] for st in states]), _concat([st[2] for st in states]))
         if len(states) == 1:
             outs = [run_group(states[0], a, b)]
         else:
@@ -678,7 +687,7 @@ def train(
     check(last[..., None], steps)
     loss_chunks.append(last[..., None])
     if steps in rec:
-        do_record()
+        do_record(p_tr, frozen)
 
     losses = jnp.asarray(np.concatenate(loss_chunks, axis=-1))
     final = _combine(cfg, p_tr, frozen)
