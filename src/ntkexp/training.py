@@ -370,18 +370,29 @@ def _concat(trees):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _setup(cfg: _Config, params):
-    """``(trainable, frozen, optimizer state)`` from the full parameters, in one program."""
-    split = jax.vmap(cfg.partition.split) if cfg.ensemble else cfg.partition.split
-    p_tr, frozen = split(params)
-    opt_state = jax.vmap(cfg.optimizer.init)(p_tr) if cfg.ensemble else cfg.optimizer.init(p_tr)
-    return p_tr, frozen, opt_state
+def _split_params(cfg: _Config, params):
+    return (jax.vmap(cfg.partition.split) if cfg.ensemble else cfg.partition.split)(params)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
+def _init_state(cfg: _Config, p_tr):
+    return jax.vmap(cfg.optimizer.init)(p_tr) if cfg.ensemble else cfg.optimizer.init(p_tr)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _combine_params(cfg: _Config, p_tr, frozen):
+    return (jax.vmap(cfg.partition.combine) if cfg.ensemble else cfg.partition.combine)(p_tr,
+                                                                                         frozen)
+
+
+def _setup(cfg: _Config, params):
+    """``(trainable, frozen, optimizer state)``; no parameter copy when all are trained."""
+    p_tr, frozen = (params, []) if cfg.partition.mask is None else _split_params(cfg, params)
+    return p_tr, frozen, _init_state(cfg, p_tr)
+
+
 def _combine(cfg: _Config, p_tr, frozen):
-    combine = jax.vmap(cfg.partition.combine) if cfg.ensemble else cfg.partition.combine
-    return combine(p_tr, frozen)
+    return p_tr if cfg.partition.mask is None else _combine_params(cfg, p_tr, frozen)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
