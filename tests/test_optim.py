@@ -89,6 +89,42 @@ def test_ngd_damped_multi_output_matches_explicit_jacobian(dtype, tol):
     assert alpha.shape == (n, k)
 
 
+def test_ngd_cross_entropy_is_the_damped_gauss_newton_step(dtype, tol):
+    """-eta (J^T H J + lambda I)^-1 J^T (p - y), H the softmax Hessian, in parameter space."""
+    n, d, k = 5, 3, 3
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    p = {"w1": jax.random.normal(jax.random.key(4), (d, 6), dtype),
+         "w2": jax.random.normal(jax.random.key(5), (6, k), dtype)}
+    x = jax.random.normal(jax.random.key(6), (n, d), dtype)
+    y = jax.nn.one_hot(jnp.array([0, 2, 1, 1, 0]), k, dtype=dtype)
+    probs = jax.nn.softmax(f(p, x), axis=-1)
+    lam, eta = 0.2, 0.8
+    tx = ngd(eta, damping=lam, apply_fn=f, loss="softmax_cross_entropy")
+    u, _ = tx.update(None, tx.init(p), p, x=x, residual=probs - y)
+    flat, unravel = jax.flatten_util.ravel_pytree(p)
+    J = np.asarray(jax.jacobian(lambda t: f(unravel(t), x).reshape(-1))(flat), np.float64)
+    P = np.asarray(probs, np.float64)
+    H = np.zeros((n * k, n * k))
+    for i in range(n):  # block-diagonal softmax Hessian
+        H[i * k:(i + 1) * k, i * k:(i + 1) * k] = np.diag(P[i]) - np.outer(P[i], P[i])
+    g = J.T @ (P - np.asarray(y, np.float64)).reshape(-1)
+    expect = -eta * np.linalg.solve(J.T @ H @ J + lam * np.eye(J.shape[1]), g)
+    got = jax.flatten_util.ravel_pytree(u)[0]
+    assert rel_err(got, expect) < 1000 * tol["exact"]
+    # the loss given as an extra argument (as train passes it) selects the same step
+    u2, _ = ngd(eta, damping=lam, apply_fn=f).update(None, tx.init(p), p, x=x,
+                                                     residual=probs - y,
+                                                     loss="softmax_cross_entropy")
+    assert rel_err(jax.flatten_util.ravel_pytree(u2)[0], got) < 10 * tol["exact"]
+    with pytest.raises(ValueError, match="damping > 0"):
+        ngd(eta, loss="softmax_cross_entropy")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        ngd(eta, loss="hinge")
+
+
 def test_ngd_apply_fn_extra_argument_and_chain(dtype):
     f = _linear()
     p = _params(jax.random.key(0), 4, 1, dtype)

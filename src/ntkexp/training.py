@@ -8,12 +8,15 @@
                                                                   Jacot et al. 2018, C = E_pin)
 
 with any optax transformation (``ntkexp.optim.gd``/``sgd``/``ngd``, or an
-``optax.chain``). Steps run inside ``lax.scan`` in chunks; between chunks the
-host checks for divergence, calls the progress callback and, at the requested
-``record_steps``, records probe outputs, the empirical NTK on the probe points,
-the distance from initialisation and, for two-layer nets and MLPs, the
-fraction of flipped activation patterns (Du et al. 2019, Fig. 1b) and
-``max_r ||w_r(t) - w_r(0)||`` (Fig. 1c).
+``optax.chain``); or, with ``loss="softmax_cross_entropy"``, the cross-entropy
+``sum_i -y_i . log softmax(f(theta, x_i))`` (divided by n for "mean") on
+integer labels or one-hot / probability targets. Steps run inside
+``lax.scan`` in chunks; between chunks the host checks for divergence, calls
+the progress callback and, at the requested ``record_steps``, records probe
+outputs, the empirical NTK on the probe points, the distance from
+initialisation and, for two-layer nets and MLPs, the fraction of flipped
+activation patterns (Du et al. 2019, Fig. 1b) and ``max_r ||w_r(t) - w_r(0)||``
+(Fig. 1c).
 
 ``ensemble=True`` trains K stacked initialisations (every params leaf has a
 leading axis K; build them with :func:`init_ensemble`) in one vmapped program,
@@ -43,6 +46,7 @@ from ntkexp.empirical import empirical_ntk
 
 Array = jax.Array
 LOSS_REDUCTIONS = ("mean", "sum")
+LOSSES = ("squared", "softmax_cross_entropy")
 ENSEMBLE_MODES = ("auto", "vmap", "unroll", "sequential")
 _SEQUENTIAL_BYTES = 1 << 20
 
@@ -147,21 +151,36 @@ class _Config(NamedTuple):
     key_per_member: bool
     unroll_members: str = "vmap"  # ensemble layout: "vmap", "unroll" or "sequential"
     small: bool = False  # <= 1 MiB of parameters per member: no intra-op threading on CPU
+    loss: str = "squared"  # or "softmax_cross_entropy"
+
+
+def _value_and_residual(cfg: _Config, out, yb):
+    """Loss on a batch and its per-sample output gradient ``dL_i/du_i`` (``(n, out_dim)``).
+
+    Squared loss: ``u - y``. Softmax cross-entropy: ``softmax(u) - y``.
+    """
+    if cfg.loss == "squared":
+        r = out - yb
+        val = 0.5 * jnp.sum(r * r)
+    else:
+        logp = jax.nn.log_softmax(out, axis=-1)
+        val = -jnp.sum(yb * logp)
+        r = jnp.exp(logp) - yb
+    if cfg.loss_reduction == "mean":
+        val = val / out.shape[0]
+    return val, r
 
 
 def _loss(cfg: _Config, f, p, xb, yb):
-    r = f(p, xb) - yb
-    val = 0.5 * jnp.sum(r * r)
-    if cfg.loss_reduction == "mean":
-        val = val / xb.shape[0]
-    return val, r
+    return _value_and_residual(cfg, f(p, xb), yb)
 
 
 def _loss_and_grad(cfg: _Config, frozen, p, xb, yb):
     """``(loss, residual, grad)`` on a batch, with the model's own pullback if it has one.
 
     The gradient of ``L = (1/2) c ||f(theta, x) - y||^2`` is ``c J^T r``, one
-    vjp of the residual ``r`` (``c = 1/n`` for the mean loss). Apply objects
+    vjp of the residual ``r`` (``c = 1/n`` for the mean loss); for the
+    cross-entropy ``r = softmax(u) - y``. Apply objects
     may define ``vjp(params, x) -> (out, pullback)`` (``MLPApply`` does: a
     hand-written backward pass, see :meth:`ntkexp.models.mlp.MLPApply.vjp`);
     anything else goes through ``jax.vjp``.
@@ -178,10 +197,8 @@ def _loss_and_grad(cfg: _Config, frozen, p, xb, yb):
 
         def pull(c):
             return pull_tr(c)[0]
-    r = out - yb
-    val = 0.5 * jnp.sum(r * r)
+    val, r = _value_and_residual(cfg, out, yb)
     if cfg.loss_reduction == "mean":
-        val = val / xb.shape[0]
         return val, r, pull(r / xb.shape[0])
     return val, r, pull(r)
 
@@ -215,7 +232,7 @@ def _make_body(cfg: _Config, frozen, key, x, y):
         val, r, g = _loss_and_grad(cfg, frozen, p, xb, yb)
         if cfg.batch_size is not None:
             val = _loss(cfg, f_tr, p, x, y)[0]
-        upd, s = opt.update(g, s, p, x=xb, residual=r, apply_fn=f_tr)
+        upd, s = opt.update(g, s, p, x=xb, residual=r, apply_fn=f_tr, loss=cfg.loss)
         p = optax.apply_updates(p, upd)
         return (p, s), val
 
@@ -463,6 +480,26 @@ def _eval_output_shape(apply_fn, params, x):
         raise ValueError(f"apply_fn(params, x) fails on x of shape {tuple(x.shape)}: {e}") from None
 
 
+def _class_targets(y, labels: bool, out_shape, dtype):
+    """Cross-entropy targets ``(n, C)`` from integer labels or rows summing to 1; clear errors."""
+    if len(out_shape) != 2 or out_shape[1] < 2:
+        raise ValueError("softmax_cross_entropy needs logits of shape (n, classes >= 2), "
+                         f"the model outputs {tuple(out_shape)}")
+    C = out_shape[1]
+    if labels:
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"class labels must be integers, got dtype {y.dtype}")
+        lab = np.asarray(y)
+        if lab.size and (lab.min() < 0 or lab.max() >= C):
+            raise ValueError(f"class labels must lie in 0..{C - 1}, got {lab.min()}..{lab.max()}")
+        return jax.nn.one_hot(y, C, dtype=dtype)
+    rows = np.asarray(y, np.float64)
+    if rows.shape[1:] == (C,) and (np.any(rows < 0) or not np.allclose(rows.sum(axis=1), 1.0,
+                                                                        atol=1e-5)):
+        raise ValueError("cross-entropy targets must be non-negative rows that sum to 1")
+    return y
+
+
 def _check_int(name, v, minimum):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -478,6 +515,7 @@ def train(
     optimizer: optax.GradientTransformation,
     steps: int,
     loss_reduction: str = "mean",
+    loss: str = "squared",
     batch_size: int | None = None,
     key: Array | None = None,
     ensemble: bool = False,
@@ -500,10 +538,16 @@ def train(
       x: training inputs ``(n, d)``.
       y: targets ``(n,)`` or ``(n, out_dim)``.
       optimizer: an optax transformation; it is called with the extra
-        arguments ``x`` (the batch), ``residual`` (``f(x) - y`` on the batch)
-        and ``apply_fn`` (the model as a function of the trainable params).
+        arguments ``x`` (the batch), ``residual`` (``f(x) - y`` on the batch,
+        or ``softmax(f(x)) - y``), ``apply_fn`` (the model as a function of
+        the trainable params) and ``loss``.
       steps: number of updates (>= 0).
       loss_reduction: ``"mean"`` (1/(2n) sum) or ``"sum"`` (1/2 sum).
+      loss: ``"squared"`` or ``"softmax_cross_entropy"`` (``y``: integer
+        labels ``(n,)`` in ``0..out_dim-1`` or targets ``(n, out_dim)`` whose
+        rows sum to 1; the model's outputs are logits). Optimizers receive
+        ``residual = dL_i/du_i`` (``u - y`` or ``softmax(u) - y``) and
+        ``loss``; ``ngd`` then takes the generalized Gauss-Newton step.
       batch_size: mini-batch size (<= n); None or n means full batch.
       key: PRNG key for mini-batches (one key, or K keys with ``ensemble``);
         default ``jax.random.key(0)``.
@@ -546,6 +590,8 @@ def train(
     """
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             "optimizer must be an optax GradientTransformation, "
@@ -557,9 +603,10 @@ def train(
     if x.ndim != 2:
         raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
     n = x.shape[0]
-    if y.ndim == 1:
+    labels = loss == "softmax_cross_entropy" and y.ndim == 1
+    if y.ndim == 1 and not labels:
         y = y[:, None]
-    if y.ndim != 2 or y.shape[0] != n:
+    if (y.ndim != 2 and not labels) or y.shape[0] != n:
         raise ValueError(f"x and y disagree: x has {n} points but y has shape {tuple(y.shape)}")
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
@@ -576,6 +623,8 @@ def train(
         lambda l: jax.ShapeDtypeStruct(jnp.shape(l)[1:], jnp.result_type(l)), params
     ) if ensemble else params
     out = _output_shape(apply_fn, one_params, x)
+    if loss == "softmax_cross_entropy":
+        y = _class_targets(y, labels, out.shape, dtype)
     if tuple(out.shape) != tuple(y.shape):
         raise ValueError(
             f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}"
@@ -626,7 +675,7 @@ def train(
     opt = optax.with_extra_args_support(optimizer)
     member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // (K or 1)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
-                  key_per_member, unroll, member_bytes <= _SEQUENTIAL_BYTES)
+                  key_per_member, unroll, member_bytes <= _SEQUENTIAL_BYTES, loss)
 
     p_tr, frozen, opt_state = _setup(cfg, params)
     params0 = params
