@@ -65,16 +65,21 @@ def test_ngd_linear_model_interpolates_in_one_step(dtype, tol):
     assert rel_err(got, th1) < 100 * tol["exact"]
 
 
-def test_ngd_damped_multi_output_matches_explicit_jacobian(dtype, tol):
-    """J^T (J J^T + lambda I)^-1 r with an explicit (n k, P) Jacobian of a small tanh net."""
-    n, d, k = 5, 3, 2
+def _tanh_net(n, d, width, k, dtype):
+    """A one-hidden-layer tanh net ``f(p, x) -> (n, k)``, its params and inputs ``(n, d)``."""
 
     def f(p, x):
         return jnp.tanh(x @ p["w1"]) @ p["w2"]
 
-    p = {"w1": jax.random.normal(jax.random.key(4), (d, 7), dtype),
-         "w2": jax.random.normal(jax.random.key(5), (7, k), dtype)}
-    x = jax.random.normal(jax.random.key(6), (n, d), dtype)
+    p = {"w1": jax.random.normal(jax.random.key(4), (d, width), dtype),
+         "w2": jax.random.normal(jax.random.key(5), (width, k), dtype)}
+    return f, p, jax.random.normal(jax.random.key(6), (n, d), dtype)
+
+
+def test_ngd_damped_multi_output_matches_explicit_jacobian(dtype, tol):
+    """J^T (J J^T + lambda I)^-1 r with an explicit (n k, P) Jacobian of a small tanh net."""
+    n, d, k = 5, 3, 2
+    f, p, x = _tanh_net(n, d, 7, k, dtype)
     r = jax.random.normal(jax.random.key(7), (n, k), dtype)
     lam, eta = 0.3, 0.7
     tx = ngd(eta, damping=lam, apply_fn=f)
@@ -92,13 +97,7 @@ def test_ngd_damped_multi_output_matches_explicit_jacobian(dtype, tol):
 def test_ngd_cross_entropy_is_the_damped_gauss_newton_step(dtype, tol):
     """-eta (J^T H J + lambda I)^-1 J^T (p - y), H the softmax Hessian, in parameter space."""
     n, d, k = 5, 3, 3
-
-    def f(p, x):
-        return jnp.tanh(x @ p["w1"]) @ p["w2"]
-
-    p = {"w1": jax.random.normal(jax.random.key(4), (d, 6), dtype),
-         "w2": jax.random.normal(jax.random.key(5), (6, k), dtype)}
-    x = jax.random.normal(jax.random.key(6), (n, d), dtype)
+    f, p, x = _tanh_net(n, d, 6, k, dtype)
     y = jax.nn.one_hot(jnp.array([0, 2, 1, 1, 0]), k, dtype=dtype)
     probs = jax.nn.softmax(f(p, x), axis=-1)
     lam, eta = 0.2, 0.8
