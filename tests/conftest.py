@@ -40,3 +40,20 @@ def rel_err(a, b):
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def run_tiny(tmp_path_factory, config: str, tag: str, allow_rank_promotion: bool = False):
+    """``ntkexp run CONFIG --preset tiny`` into a fresh folder: ``(folder, summary dict)``.
+
+    ``allow_rank_promotion`` for the experiments whose code broadcasts implicitly
+    (the session otherwise raises on rank promotion).
+    """
+    import json
+
+    from ntkexp.cli import main
+
+    d = str(tmp_path_factory.mktemp(tag) / "run")
+    with jax.numpy_rank_promotion("allow" if allow_rank_promotion else "raise"):
+        assert main(["run", config, "--preset", "tiny", "--out", d, "--quiet"]) == 0
+    with open(os.path.join(d, "summary.json")) as f:
+        return d, json.load(f)

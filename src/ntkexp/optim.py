@@ -171,7 +171,8 @@ def ngd(
     only while the network stays close to its linearisation: measured on 24
     points in 3 classes, a width-512 one-hidden-layer net fell from loss
     1.39 to 6e-4 in 10 steps, while at width 64 the same step diverged;
-    ``damping=0.1`` trained both.
+    ``damping=0.1`` trained both (the width-512 case is
+    ``tests/test_training.py::test_gauss_newton_ngd_beats_gd_on_cross_entropy``).
 
     Args:
       learning_rate: ``eta > 0`` or a schedule. ``eta = 1`` with zero damping
@@ -214,7 +215,7 @@ def ngd(
         probs = jax.nn.softmax(out, axis=-1) if kind == "softmax_cross_entropy" else None
         alpha = ngd_dual_coefficients(fn, params, x, residual, damping=damping, method=ntk_method,
                                       probs=probs)
-        (direction,) = vjp(_match(alpha, fn, params, x))
+        (direction,) = vjp(alpha.reshape(out.shape).astype(out.dtype))
         lr = _lr_at(learning_rate, state.count)
         updates = jax.tree_util.tree_map(lambda d, p: (-lr * d).astype(p.dtype), direction, params)
         return updates, NGDState(count=optax.safe_increment(state.count))
@@ -231,11 +232,6 @@ def _check_ngd_loss(loss, damping) -> None:
     if loss == "softmax_cross_entropy" and damping <= 0:
         raise ValueError("ngd: the softmax cross-entropy Gauss-Newton matrix is singular "
                          "(H 1 = 0); give damping > 0")
-
-
-def _match(alpha, fn, params, x):
-    out = jax.eval_shape(lambda p: fn(p, x), params)
-    return alpha.reshape(out.shape).astype(out.dtype)
 
 
 def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=0.0, method="auto",

@@ -657,23 +657,18 @@ def train(
         raise ValueError(
             f"ensemble_mode must be one of {', '.join(ENSEMBLE_MODES)}, got {ensemble_mode!r}"
         )
+    member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // (K or 1)
+    cpu_ensemble = ensemble and jax.default_backend() == "cpu"
     unroll = ensemble_mode
     if ensemble_mode == "auto":
-        unroll = "vmap"
-        if ensemble and jax.default_backend() == "cpu":
-            member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // K
-            # interleaving members streams K working sets through the cache every step;
-            # beyond a few MB per member, finishing one member at a time is faster
-            unroll = "sequential" if member_bytes > _SEQUENTIAL_BYTES else "vmap"
+        # interleaving members streams K working sets through the cache every step;
+        # beyond a few MB per member, finishing one member at a time is faster (CPU)
+        unroll = "sequential" if cpu_ensemble and member_bytes > _SEQUENTIAL_BYTES else "vmap"
     if threads is None:
-        threads = 1
-        if jax.default_backend() == "cpu" and ensemble:
-            member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // K
-            threads = _auto_threads(K, steps, member_bytes)
+        threads = _auto_threads(K, steps, member_bytes) if cpu_ensemble else 1
     threads = _check_int("threads", threads, 1)
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
-    member_bytes = sum(l.size * l.dtype.itemsize for l in leaves) // (K or 1)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
                   key_per_member, unroll, member_bytes <= _SEQUENTIAL_BYTES, loss)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.arora2019 as A
+from conftest import run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.data import DataError
@@ -131,9 +132,7 @@ def test_config_errors_are_one_line():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("arora") / "run")
-    assert main(["run", CONFIG, "--preset", "tiny", "--out", d, "--quiet"]) == 0
-    s = json.load(open(os.path.join(d, "summary.json")))
+    d, s = run_tiny(tmp_path_factory, CONFIG, "arora")
     r = dict(np.load(os.path.join(d, "results.npz")))
     return d, s, r
 

@@ -2,7 +2,6 @@
 against the paper's theorem (odd k >= 3 vanish, even k decay like k^-p) and against
 direct integration, and Proposition 9's constant against closed forms of gamma_j."""
 
-import json
 import math
 import os
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.bietti2019 as bm
+from conftest import run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 
@@ -19,9 +19,7 @@ CONFIG = os.path.join(ROOT, "configs", "bietti2019_spectrum.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("bietti") / "run")
-    assert main(["run", CONFIG, "--preset", "tiny", "--out", d, "--quiet"]) == 0
-    return d, json.load(open(os.path.join(d, "summary.json")))
+    return run_tiny(tmp_path_factory, CONFIG, "bietti")
 
 
 def test_tiny_run_outputs_and_replot(tiny_run):

@@ -2,7 +2,6 @@
 independent truths (the autodiff empirical NTK, the arc-cosine closed form, a
 power law with a known exponent)."""
 
-import json
 import os
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.du2019 as du
+from conftest import run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.empirical import empirical_ntk
@@ -22,10 +22,7 @@ CONFIG = os.path.join(ROOT, "configs", "du2019_fig1.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("du") / "run")
-    with jax.numpy_rank_promotion("allow"):
-        assert main(["run", CONFIG, "--preset", "tiny", "--out", d, "--quiet"]) == 0
-    return d, json.load(open(os.path.join(d, "summary.json")))
+    return run_tiny(tmp_path_factory, CONFIG, "du", allow_rank_promotion=True)
 
 
 def test_tiny_run_writes_outputs_and_replots(tiny_run):

@@ -6,7 +6,6 @@ outputs approach the NTK-GP mean: the relative distance shrinks by > 2x from wid
 to 512 (theory: like width^-1/2)."""
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.lee2020 as L
+from conftest import run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.data import DataError
@@ -137,10 +137,7 @@ def test_config_errors():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("lee") / "run")
-    with jax.numpy_rank_promotion("allow"):
-        assert main(["run", CONFIG, "--preset", "tiny", "--out", d, "--quiet"]) == 0
-    return d, json.load(open(os.path.join(d, "summary.json")))
+    return run_tiny(tmp_path_factory, CONFIG, "lee", allow_rank_promotion=True)
 
 
 def test_tiny_kernels_and_wide_net_beat_chance_and_agree(tiny):

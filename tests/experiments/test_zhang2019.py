@@ -1,7 +1,6 @@
 """NGD vs GD vs SGD (Zhang et al. 2019) on the tiny preset, and the claim behind it:
 NGD's per-step contraction is (1 - eta) whatever lambda_min(H), GD's is not."""
 
-import json
 import os
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.zhang2019 as zh
+from conftest import run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.experiments.du2019 import h_infinity
@@ -23,10 +23,7 @@ CONFIG = os.path.join(ROOT, "configs", "zhang2019_ngd.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("zhang") / "run")
-    with jax.numpy_rank_promotion("allow"):
-        assert main(["run", CONFIG, "--preset", "tiny", "--out", d, "--quiet"]) == 0
-    return d, json.load(open(os.path.join(d, "summary.json")))
+    return run_tiny(tmp_path_factory, CONFIG, "zhang", allow_rank_promotion=True)
 
 
 def test_tiny_run_outputs(tiny_run):

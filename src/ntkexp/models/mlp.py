@@ -191,10 +191,7 @@ class MLPApply:
         for h in range(n_layers):
             p = layers[h]
             inputs.append(a)
-            w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
-            z = w_mult * (a @ p["W"])
-            if "b" in p:
-                z = z + b_mult * p["b"][None, :]
+            z = _pre_activation(self.spec, p, a, jnp.matmul)
             if taps is not None and taps[h] is not None:
                 z = z + taps[h]
             a = act.fn(z) if h < n_layers - 1 else z
@@ -244,10 +241,7 @@ class MLPApply:
         for h in range(n_layers):
             p = layers[h]
             inputs.append(a)
-            w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
-            z = w_mult * _matmul(a, p["W"])
-            if "b" in p:
-                z = z + b_mult * p["b"][None, :]
+            z = _pre_activation(self.spec, p, a, _matmul)
             if h < n_layers - 1:
                 a, pull = jax.vjp(act.fn, z)
                 pulls.append(pull)
@@ -339,6 +333,15 @@ class MLPStructure(NamedTuple):
     backward: tuple
     w_mults: tuple
     b_mults: tuple
+
+
+def _pre_activation(spec: MLPSpec, p, a: Array, matmul) -> Array:
+    """``z = w_mult * matmul(a, W) + b_mult * b`` for one dense layer's params ``p``."""
+    w_mult, b_mult = layer_scales(spec, p["W"].shape[0])
+    z = w_mult * matmul(a, p["W"])
+    if "b" in p:
+        z = z + b_mult * p["b"][None, :]
+    return z
 
 
 _SMALL_FAN_IN = 4
