@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -152,6 +152,7 @@ class _Config(NamedTuple):
     unroll_members: str = "vmap"  # ensemble layout: "vmap", "unroll" or "sequential"
     small: bool = False  # <= 1 MiB of parameters per member: no intra-op threading on CPU
     loss: str = "squared"  # or "softmax_cross_entropy"
+    y_per_member: bool = False  # ensemble targets carry a leading axis K
 
 
 def _value_and_residual(cfg: _Config, out, yb):
@@ -257,7 +258,8 @@ def _unrolled_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, 
     def member(t, k):
         return jax.tree_util.tree_map(lambda a: a[k], t)
 
-    bodies = [_make_body(cfg, member(frozen, k), key[k] if cfg.key_per_member else key, x, y)
+    bodies = [_make_body(cfg, member(frozen, k), key[k] if cfg.key_per_member else key, x,
+                         y[k] if cfg.y_per_member else y)
               for k in range(K)]
 
     def body(carry, step):
@@ -279,11 +281,13 @@ def _sequential_chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x
     """Members one after another (``lax.map``): one member's working set stays in cache."""
 
     def one(args):
-        p, s, fr, k = args
-        return _single_chunk(cfg, length, p, s, fr, k if cfg.key_per_member else key, x, y, start)
+        p, s, fr, k, yk = args
+        return _single_chunk(cfg, length, p, s, fr, k if cfg.key_per_member else key, x,
+                             yk if cfg.y_per_member else y, start)
 
     keys = key if cfg.key_per_member else jnp.zeros(jax.tree_util.tree_leaves(p_tr)[0].shape[:1])
-    return jax.lax.map(one, (p_tr, opt_state, frozen, keys))
+    ys = y if cfg.y_per_member else keys
+    return jax.lax.map(one, (p_tr, opt_state, frozen, keys, ys))
 
 
 def _chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start):
@@ -293,7 +297,8 @@ def _chunk(cfg: _Config, length: int, p_tr, opt_state, frozen, key, x, y, start)
         return _sequential_chunk(cfg, length, p_tr, opt_state, frozen, key, x, y, start)
     fn = functools.partial(_single_chunk, cfg, length)
     if cfg.ensemble:
-        fn = jax.vmap(fn, in_axes=(0, 0, 0, 0 if cfg.key_per_member else None, None, None, None))
+        fn = jax.vmap(fn, in_axes=(0, 0, 0, 0 if cfg.key_per_member else None, None,
+                                   0 if cfg.y_per_member else None, None))
     return fn(p_tr, opt_state, frozen, key, x, y, start)
 
 
@@ -408,16 +413,36 @@ def _setup(cfg: _Config, params):
     return p_tr, frozen, _init_state(cfg, p_tr)
 
 
+def _with_hyperparams(state, values: Mapping[str, Any]):
+    """``state`` with entries of its ``hyperparams`` dict replaced by ``values`` (traced)."""
+    hp = getattr(state, "hyperparams", None)
+    if not isinstance(hp, dict) or not hasattr(state, "_replace"):
+        raise ValueError("hyperparams= needs an optimizer whose state holds a hyperparams dict "
+                         "(optax.inject_hyperparams or "
+                         "ntkexp.experiments.common.traced_learning_rate)")
+    new = dict(hp)
+    for name, v in values.items():
+        if name not in hp:
+            raise ValueError(f"hyperparams: the optimizer state has no {name!r} "
+                             f"(it has {', '.join(sorted(hp))})")
+        old = jnp.asarray(hp[name])
+        new[name] = jnp.broadcast_to(jnp.asarray(v, old.dtype), old.shape)
+    return state._replace(hyperparams=new)
+
+
 def _combine(cfg: _Config, p_tr, frozen):
     return p_tr if cfg.partition.mask is None else _combine_params(cfg, p_tr, frozen)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _final_loss(cfg: _Config, p_tr, frozen, x, y):
-    def one(p, fr):
-        return _loss(cfg, lambda q, xx: cfg.apply_fn(cfg.partition.combine(q, fr), xx), p, x, y)[0]
+    def one(p, fr, yy):
+        return _loss(cfg, lambda q, xx: cfg.apply_fn(cfg.partition.combine(q, fr), xx), p, x,
+                     yy)[0]
 
-    return jax.vmap(one)(p_tr, frozen) if cfg.ensemble else one(p_tr, frozen)
+    if not cfg.ensemble:
+        return one(p_tr, frozen, y)
+    return jax.vmap(one, in_axes=(0, 0, 0 if cfg.y_per_member else None))(p_tr, frozen, y)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "with_probe"))
@@ -527,6 +552,8 @@ def train(
     replace: bool = False,
     ensemble_mode: str = "auto",
     threads: int | None = None,
+    targets_per_member: bool = False,
+    hyperparams: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``apply_fn`` on the squared loss; jit + ``lax.scan`` (+ ``vmap`` for ensembles).
 
@@ -580,6 +607,16 @@ def train(
         runs are dominated by compiling) and members of at most 64 MiB (larger
         ones already use every core); 1 elsewhere. Same numbers to
         rounding for any value.
+      targets_per_member: with ``ensemble=True`` and the squared loss, ``y``
+        has a leading axis K, ``(K, n)`` or ``(K, n, out_dim)``: member k
+        fits ``y[k]`` (e.g. centred targets ``y + f(theta_0^k, X)``).
+      hyperparams: values written into the optimizer state's ``hyperparams``
+        dict after ``optimizer.init`` (a state with a ``hyperparams`` field,
+        as ``optax.inject_hyperparams`` or
+        ``ntkexp.experiments.common.traced_learning_rate`` make): scalars, or
+        ``(K,)`` arrays, one value per member. They are traced, so one
+        compiled program serves every value (a learning-rate sweep compiles
+        once per shape).
 
     Returns:
       A :class:`TrainResult`.
@@ -600,6 +637,14 @@ def train(
     steps = _check_int("steps", steps, 0)
     x = jnp.asarray(x)
     y = jnp.asarray(y)
+    y_members = None
+    if targets_per_member:
+        if not ensemble or loss != "squared":
+            raise ValueError("targets_per_member needs ensemble=True and the squared loss")
+        if y.ndim not in (2, 3):
+            raise ValueError(f"per-member targets must have shape (K, n) or (K, n, out_dim), "
+                             f"got {tuple(y.shape)}")
+        y_members, y = y, y[0]
     if x.ndim != 2:
         raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
     n = x.shape[0]
@@ -630,6 +675,13 @@ def train(
             f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}"
         )
     y = y.astype(dtype)
+    if y_members is not None:
+        if y_members.ndim == 2:
+            y_members = y_members[..., None]
+        if tuple(y_members.shape) != (K, *y.shape):
+            raise ValueError(f"per-member targets must have shape {(K, *y.shape)}, got "
+                             f"{tuple(y_members.shape)}")
+        y = y_members.astype(dtype)
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1)
         if batch_size > n:
@@ -670,9 +722,12 @@ def train(
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
     cfg = _Config(apply_fn, opt, part, loss_reduction, batch_size, bool(replace), bool(ensemble),
-                  key_per_member, unroll, member_bytes <= _SEQUENTIAL_BYTES, loss)
+                  key_per_member, unroll, member_bytes <= _SEQUENTIAL_BYTES, loss,
+                  y_members is not None)
 
     p_tr, frozen, opt_state = _setup(cfg, params)
+    if hyperparams:
+        opt_state = _with_hyperparams(opt_state, hyperparams)
     params0 = params
 
     if chunk_size is None:
@@ -709,18 +764,20 @@ def train(
 
     # ensemble members split into groups, one host thread each (one group: no threads)
     groups = _member_groups(K, threads) if ensemble else [(0, 1)]
+    per_y = cfg.y_per_member
     if len(groups) == 1:
-        states = [(p_tr, opt_state, frozen, key)]
+        states = [(p_tr, opt_state, frozen, key, y)]
     else:
-        # one dispatch: (params, state, frozen, per-member keys) sliced per group
-        parts = _split_groups((p_tr, opt_state, frozen, key if key_per_member else None),
-                              tuple(groups))
-        states = [(p, s, fr, k if key_per_member else key) for p, s, fr, k in parts]
+        # one dispatch: (params, state, frozen, per-member keys and targets) sliced per group
+        parts = _split_groups((p_tr, opt_state, frozen, key if key_per_member else None,
+                               y if per_y else None), tuple(groups))
+        states = [(p, s, fr, k if key_per_member else key, yy if per_y else y)
+                  for p, s, fr, k, yy in parts]
         p_tr = opt_state = parts = None  # the groups hold the only copy from here on
 
     def run_group(st, a, b):
-        p, s, fr, k = st
-        out = _run_chunk(cfg, b - a, p, s, fr, k, x, y, jnp.asarray(a, jnp.int32))
+        p, s, fr, k, yy = st
+        out = _run_chunk(cfg, b - a, p, s, fr, k, x, yy, jnp.asarray(a, jnp.int32))
         return jax.block_until_ready(out)
 
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
@@ -730,7 +787,7 @@ def train(
             outs = [run_group(states[0], a, b)]
         else:
             outs = list(_pool(len(states)).map(lambda st, a=a, b=b: run_group(st, a, b), states))
-        states = [(o[0], o[1], st[2], st[3]) for o, st in zip(outs, states, strict=True)]
+        states = [(o[0], o[1], *st[2:]) for o, st in zip(outs, states, strict=True)]
         ls = np.concatenate([np.asarray(o[2]) for o in outs], axis=0) if ensemble else (
             np.asarray(outs[0][2]))
         check(ls, a)

@@ -22,6 +22,7 @@ from ntkexp.experiments import (  # noqa: F401  (registration)
 from ntkexp.experiments.base import (
     EXPERIMENTS,
     Experiment,
+    Member,
     RunResult,
     Unit,
     UserError,
@@ -29,5 +30,5 @@ from ntkexp.experiments.base import (
     run,
 )
 
-__all__ = ["EXPERIMENTS", "Experiment", "RunResult", "Unit", "UserError",
+__all__ = ["EXPERIMENTS", "Experiment", "Member", "RunResult", "Unit", "UserError",
            "register_experiment", "run"]

@@ -7,8 +7,8 @@ and fixed, ``w_r ~ N(0, kappa^2 I)``, only ``W`` trained by full-batch GD on
 scaled to unit norm. ``H`` is the infinite-width Gram matrix
 ``H_ij = x_i . x_j (pi - arccos(x_i . x_j)) / (2 pi)`` (their eq. 4).
 
-For each width and each initialisation, one unit trains one net per entry of
-``params.random_fractions`` (the same initial ``W`` for all of them): fraction
+For each width, one unit trains its initialisations as one ensemble per entry
+of ``params.random_fractions`` (the same initial ``W`` for all of them): fraction
 ``p`` of the training labels is replaced by uniform random signs (nested sets:
 the randomised points for ``p`` contain those for any smaller ``p``; the draw
 depends on the initialisation number). The three panels of the figure:
@@ -58,7 +58,15 @@ import numpy as np
 
 from ntkexp.config import ConfigError
 from ntkexp.data import DataError
-from ntkexp.experiments.base import Experiment, init_key, register_experiment
+from ntkexp.experiments import streams
+from ntkexp.experiments.base import Experiment, register_experiment
+from ntkexp.experiments.common import (
+    build_ensemble,
+    gram_two_layer,
+    h_infinity,
+    per_member,
+    train_ensemble,
+)
 
 NAME = "arora2019_finegrained"
 
@@ -166,8 +174,9 @@ def randomized_labels(y, fractions, key) -> np.ndarray:
 
 
 def label_key(cfg, draw: int):
-    """PRNG key of the random labels of initialisation ``draw`` (shared by all widths)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0x1ABE1), draw)
+    """PRNG key of the random labels of initialisation ``draw`` (shared by all widths):
+    stream ``labels``."""
+    return streams.key(cfg.seed, "labels", draw)
 
 
 class Task:
@@ -195,22 +204,8 @@ class Task:
 # --------------------------------------------------------------------------
 
 
-def gram_inf(x):
-    """``H^inf (n, n)`` of the two-layer ReLU net (Arora et al. 2019, eq. 4)."""
-    from ntkexp.models.two_layer import TwoLayerSpec, two_layer_kernel
-
-    return two_layer_kernel(TwoLayerSpec(1), x).ntk
-
-
-@jax.jit
-def gram_at(W, x):
-    """Empirical Gram ``H(W)_ij = (x_i . x_j / m) sum_r 1{w_r.x_i > 0} 1{w_r.x_j > 0}``, ``(n, n)``.
-
-    Args:
-      W: ``(d, m)`` first-layer weights; x: ``(n, d)``.
-    """
-    s = (x @ W > 0).astype(x.dtype)
-    return (x @ x.T) * (s @ s.T) / W.shape[1]
+gram_inf = h_infinity  # H^inf of the two-layer ReLU net (Arora et al. 2019, eq. 4)
+gram_at = gram_two_layer  # its finite-width Gram H(W)
 
 
 def learning_rate(cfg, H) -> float:
@@ -222,34 +217,6 @@ def learning_rate(cfg, H) -> float:
     if cfg.train.loss_reduction == "mean":
         lam /= H.shape[0]
     return float(lr / lam)
-
-
-def make_optimizer(cfg, eta: float):
-    """``cfg.train.optimizer`` built with step ``eta`` and the configured options."""
-    from ntkexp.optim import OPTIMIZERS
-
-    try:
-        return OPTIMIZERS.get(cfg.train.optimizer)(learning_rate=eta,
-                                                   **dict(cfg.train.optimizer_options))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.optimizer_options: {e}") from None
-
-
-def train_with_progress(cfg, apply_fn, params, x, y, eta, key, progress):
-    """``ntkexp.training.train`` with ``cfg.train``'s optimizer, steps, batch and loss."""
-    from ntkexp.training import train
-
-    done = [0]
-
-    def callback(step, losses):
-        progress(int(step) - done[0])
-        done[0] = int(step)
-
-    res = train(apply_fn, params, x, y, optimizer=make_optimizer(cfg, eta),
-                steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction,
-                batch_size=cfg.train.batch_size, key=key, callback=callback)
-    progress(cfg.train.steps - done[0])
-    return res
 
 
 # --------------------------------------------------------------------------
@@ -283,26 +250,32 @@ def compute_unit(cfg, data, unit, progress):
     x, dt = task.x, task.dtype
     H = gram_inf(x)
     eta = learning_rate(cfg, H)
-    key = init_key(cfg, unit)
-    apply_fn, params = init_params(cfg, unit.width, x.shape[1], key, dt)
-    u0 = apply_fn(params, x)[:, 0]
-    H0 = gram_at(params["W"], x)
-    labels = task.labels(cfg, unit.init)
+    apply_fn, params = build_ensemble(
+        cfg, unit, x.shape[1], dt,
+        builder=lambda k: init_params(cfg, unit.width, x.shape[1], k, dt))
+    u0 = per_member(apply_fn, params, x)[..., 0]                      # (K, n)
+    H0 = jax.vmap(gram_at, in_axes=(0, None))(params["W"], x)          # (K, n, n)
+    labels = np.stack([task.labels(cfg, k) for k in unit.inits])       # (K, F, n)
     steps, red = cfg.train.steps, cfg.train.loss_reduction
+
+    def curve(h, u, y):
+        return gd_loss_curve(h, u, y, steps, learning_rate=eta, loss_reduction=red)
+
     out = {k: [] for k in ("loss", "pred", "pred_h0", "test_error", "train_error")}
-    for i, yf in enumerate(labels):
-        y = jnp.asarray(yf, dt)
-        res = train_with_progress(cfg, apply_fn, params, x, y[:, None], eta,
-                                  jax.random.fold_in(key, 7 + i), progress)
+    for i in range(labels.shape[1]):  # one ensemble per label fraction
+        y = jnp.asarray(labels[:, i], dt)                             # (K, n)
+        res = train_ensemble(cfg, apply_fn, params, x, y, unit, progress, learning_rate=eta,
+                             run=i, targets_per_member=True)
         out["loss"].append(np.asarray(res.losses))
-        out["pred"].append(np.asarray(gd_loss_curve(H, u0, y, steps, learning_rate=eta,
-                                                    loss_reduction=red)))
-        out["pred_h0"].append(np.asarray(gd_loss_curve(H0, u0, y, steps, learning_rate=eta,
-                                                       loss_reduction=red)))
-        out["train_error"].append(_error(apply_fn(res.params, x), yf))
-        out["test_error"].append(_error(apply_fn(res.params, task.x_test), task.y_test)
-                                 if task.y_test.shape[0] else float("nan"))
-    return {k: np.asarray(v) for k, v in out.items()}
+        out["pred"].append(np.asarray(jax.vmap(curve, in_axes=(None, 0, 0))(H, u0, y)))
+        out["pred_h0"].append(np.asarray(jax.vmap(curve)(H0, u0, y)))
+        f_tr = np.asarray(per_member(apply_fn, res.params, x))
+        f_te = (np.asarray(per_member(apply_fn, res.params, task.x_test))
+                if task.y_test.shape[0] else None)
+        out["train_error"].append([_error(f_tr[j], labels[j, i]) for j in range(len(f_tr))])
+        out["test_error"].append([_error(f_te[j], task.y_test) if f_te is not None
+                                  else float("nan") for j in range(len(f_tr))])
+    return {k: np.stack([np.asarray(a) for a in v], axis=1) for k, v in out.items()}
 
 
 def reference(cfg, data):

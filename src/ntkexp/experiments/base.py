@@ -4,21 +4,30 @@ An experiment kind is an :class:`Experiment` record registered under the name
 used in YAML (``experiment: jacot_fig1``). Its numerical core is split into
 pure functions of the resolved config:
 
-* ``compute_unit(cfg, data, unit, progress) -> {name: array}``: one (width,
-  learning rate, initialisation) unit. Units are cached in
-  ``RUN_DIR/units/`` (one atomic ``.npz`` each, keyed by a hash of the config
-  parts that affect it), so a rerun reuses finished units.
+* ``compute_unit(cfg, data, unit, progress) -> {name: array}``: one
+  :class:`Unit`, a (width, learning rate) with the initialisations
+  ``unit.inits``, trained as one ensemble (``ntkexp.training.train(...,
+  ensemble=True)``); every array has a leading axis ``len(unit.inits)``.
+  Results are cached per initialisation in ``RUN_DIR/units/`` (one atomic
+  ``.npz`` each, keyed by :func:`unit_hash`: the config parts that affect it
+  and the code, see :mod:`ntkexp.experiments.provenance`), so a rerun reuses
+  finished initialisations and a partly finished unit resumes.
 * ``reference(cfg, data) -> {name: array}``: the infinite-width side
   (analytic kernels, limiting Gaussian), computed once per run.
 * ``summarize(cfg, results) -> (summary, metrics_rows)``: headline numbers.
 * ``plot(run_dir_contents) -> [figure paths]``: drawn from saved files only.
 
+Random numbers come from the named streams of :mod:`ntkexp.experiments.streams`.
+Shared pieces of the experiments live in :mod:`ntkexp.experiments.common`;
+no experiment imports another.
+
 :func:`run` writes, atomically file by file (``ntkexp.io``): ``units/*.npz``,
 ``results.npz``, ``metrics.jsonl``, ``summary.json``, ``config.yaml`` (the
 resolved config), ``figures/*.png|pdf`` and finally ``meta.json`` (package
-versions, device, dtype, git commit, wall time), which marks the run complete.
-A rerun first removes ``meta.json`` and ``summary.json`` so a folder never
-pairs old headline numbers with a new config.
+versions, device, dtype, git commit, code fingerprint, processes and the units
+each computed, wall time), which marks the run complete. A rerun first removes
+``meta.json`` and ``summary.json`` so a folder never pairs old headline numbers
+with a new config. Multi-process runs: :mod:`ntkexp.experiments.distributed`.
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkexp import io
+from ntkexp.experiments import distributed, provenance, streams
 from ntkexp.registry import Registry
 
 
@@ -50,9 +59,21 @@ class UserError(ValueError):
 
 
 class Unit(NamedTuple):
-    """One independent piece of work: a network at ``width`` trained with ``learning_rate``
-    from initialisation number ``init`` (0-based); ``w_index``/``lr_index`` locate it
-    in the sweep."""
+    """One independent piece of work: the networks at ``width`` trained with
+    ``learning_rate`` from the initialisations ``inits`` (0-based numbers), as one
+    ensemble; ``w_index``/``lr_index`` locate it in the sweep. The runner passes
+    only the initialisations still to compute (a partly finished unit resumes)."""
+
+    width: int
+    learning_rate: float
+    w_index: int
+    lr_index: int
+    inits: tuple[int, ...]
+
+
+class Member(NamedTuple):
+    """One initialisation of a unit: what a ``per_init`` experiment's
+    ``compute_unit`` receives (the runner's unit before ensembles)."""
 
     width: int
     learning_rate: float
@@ -68,16 +89,24 @@ class Experiment:
     Attributes:
       name: registry name.
       params: frozen dataclass of the config's ``params:`` section.
-      compute_unit: ``(cfg, data, unit, progress) -> dict[str, array]``; every
-        unit returns the same keys and shapes. ``progress(n)`` advances the
-        progress bar by ``n`` steps.
+      compute_unit: ``(cfg, data, unit, progress) -> dict[str, array]``: every
+        array has a leading axis ``len(unit.inits)``, entry ``i`` the result
+        of initialisation ``unit.inits[i]``, which must not depend on which
+        other initialisations are in the call (so a unit can resume and be
+        split); every unit returns the same keys and shapes. ``progress(n)``
+        advances the progress bar by ``n`` member-steps. With
+        ``per_init=True`` it is called once per initialisation with a
+        :class:`Member` and returns arrays without that axis.
       reference: ``(cfg, data) -> dict[str, array]`` (stored as ``limit_<name>``).
       summarize: ``(cfg, results) -> (summary dict, list of metric rows)``.
       plot: ``(results, summary, cfg_dict, fig_dir) -> list of paths``.
-      unit_work: ``cfg -> int``, progress steps per unit (default train.steps).
+      unit_work: ``cfg -> int``, progress steps per initialisation (default
+        train.steps).
       check: optional ``cfg -> None`` raising ``ConfigError`` for settings the
         experiment cannot handle.
       main_figure: file stem of the figure printed at the end of a run.
+      per_init: ``compute_unit`` takes one initialisation at a time (the
+        older interface; no ensemble speed-up).
     """
 
     name: str
@@ -89,6 +118,7 @@ class Experiment:
     unit_work: Callable[[Any], int] = lambda cfg: max(cfg.train.steps, 1)
     check: Callable[[Any], None] | None = None
     main_figure: str = "figure"
+    per_init: bool = False
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
@@ -144,45 +174,63 @@ def setup_runtime(cfg) -> tuple[Any, Any]:
 
 
 def data_key(cfg):
-    """PRNG key of the dataset (``data.seed`` if set, else derived from ``seed``)."""
-    s = cfg.data.seed if cfg.data.seed is not None else cfg.seed
-    return jax.random.fold_in(jax.random.key(s), 0x0DA7A)
+    """PRNG key of the dataset (``data.seed`` if set, else ``seed``): stream ``data``."""
+    return streams.data_key(cfg)
 
 
-def init_key(cfg, unit: Unit):
-    """PRNG key of one initialisation: depends on ``seed`` and ``unit.init`` only, so
-    init k of every width is drawn from the same key."""
-    return jax.random.fold_in(jax.random.key(cfg.seed), 1000 + unit.init)
+def init_key(cfg, unit) -> Any:
+    """PRNG key of one initialisation (a :class:`Member`, or an int): stream ``init``.
+    Depends on ``seed`` and the initialisation number only, so init k of every width
+    is drawn from the same key."""
+    return streams.init_key(cfg, unit if isinstance(unit, int) else unit.init)
 
 
 def make_units(cfg) -> list[Unit]:
-    return [Unit(int(w), float(lr), k, wi, li)
+    """One unit per (width, learning rate), with every initialisation."""
+    inits = tuple(range(cfg.train.inits))
+    return [Unit(int(w), float(lr), wi, li, inits)
             for wi, w in enumerate(cfg.model.widths)
-            for li, lr in enumerate(cfg.train.learning_rates)
-            for k in range(cfg.train.inits)]
+            for li, lr in enumerate(cfg.train.learning_rates)]
 
 
-def unit_hash(cfg, unit: Unit) -> str:
-    """Hash of everything that determines a unit's result (not device, sweep lists
-    or the number of inits, so that adding inits or widths reuses old units; not
-    the ``params`` keys ``limit`` and ``mc_*``, which only configure the limit).
-    For ``data.name: npz`` the file's SHA-256 is part of it, so a file changed
-    at the same path is not mistaken for the old one."""
+def members(unit: Unit) -> list[Member]:
+    return [Member(unit.width, unit.learning_rate, k, unit.w_index, unit.lr_index)
+            for k in unit.inits]
+
+
+def unit_hash(cfg, unit, init: int | None = None, code: Mapping | None = None) -> str:
+    """Hash of everything that determines one initialisation's result.
+
+    In it: the config (not device, distributed, description, the sweep lists or
+    the number of inits, so that adding inits or widths reuses old units; not
+    the ``params`` keys ``limit`` and ``mc_*``, which only configure the
+    limit), the width, learning rate and initialisation number, and the code
+    (``code``, default :func:`ntkexp.experiments.provenance.code_fingerprint`:
+    ntkexp version, git commit and dirty flag, ntkexp's source hash, each
+    plug-in module's source hash). For ``data.name: npz`` the file's SHA-256 is
+    part of it, so a file changed at the same path is not mistaken for the old one.
+
+    Args:
+      unit: a :class:`Unit` (``init`` defaults to its first) or a :class:`Member`.
+    """
+    if init is None:
+        init = unit.init if isinstance(unit, Member) else unit.inits[0]
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("distributed", None)
     d.pop("description", None)
-    d.pop("plugins", None)
+    plugins = tuple(d.pop("plugins", None) or ())
     d["model"]["width"] = unit.width
     d["train"]["learning_rate"] = unit.learning_rate
     d["train"].pop("inits", None)
-    d["unit_init"] = unit.init
+    d["unit_init"] = int(init)
     # params that configure only the reference (the limit), never a unit
     d["params"] = {k: v for k, v in (d.get("params") or {}).items()
                    if k != "limit" and not k.startswith("mc_")}
     if d.get("data", {}).get("name") == "npz" and d["data"].get("path"):
         # a changed file at the same path must not reuse units of the old one
         d["data"]["sha256"] = file_sha256(d["data"]["path"])
+    d["code"] = dict(code) if code is not None else provenance.code_fingerprint(plugins)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -209,10 +257,14 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str | None:
     return h.hexdigest()
 
 
-def unit_path(run_dir: str, cfg, unit: Unit) -> str:
+def unit_path(run_dir: str, cfg, unit, init: int | None = None,
+              code: Mapping | None = None) -> str:
+    """Cache file of one initialisation of ``unit``: ``units/w<W>[_lr<i>]_s<k>_<hash>.npz``."""
+    if init is None:
+        init = unit.init if isinstance(unit, Member) else unit.inits[0]
     lr = f"_lr{unit.lr_index}" if len(cfg.train.learning_rates) > 1 else ""
     return os.path.join(run_dir, "units",
-                        f"w{unit.width}{lr}_s{unit.init}_{unit_hash(cfg, unit)}.npz")
+                        f"w{unit.width}{lr}_s{init}_{unit_hash(cfg, unit, init, code)}.npz")
 
 
 # --------------------------------------------------------------------------
@@ -250,16 +302,6 @@ class _Progress:
 # --------------------------------------------------------------------------
 
 
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _versions() -> dict:
     from importlib import metadata
 
@@ -288,20 +330,52 @@ def _remove_temporaries(workdir: str) -> None:
                     os.remove(os.path.join(folder, f))
 
 
-def stack_units(cfg, units: list[Unit], outs: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Stack unit outputs to arrays of shape ``(n_widths, n_lrs, inits, ...)``."""
+def stack_units(cfg, units: list[Unit], outs: Mapping[tuple[int, int, int], Mapping[str, Any]]
+                ) -> dict[str, np.ndarray]:
+    """Stack per-initialisation outputs ``{(w_index, lr_index, init): {name: array}}`` to
+    arrays of shape ``(n_widths, n_lrs, inits, ...)``."""
     W, L, K = len(cfg.model.widths), len(cfg.train.learning_rates), cfg.train.inits
-    keys = list(outs[0])
+    first_out = next(iter(outs.values()))
     res = {}
-    for k in keys:
-        first = np.asarray(outs[0][k])
+    for k in first_out:
+        first = np.asarray(first_out[k])
         arr = np.zeros((W, L, K) + first.shape, first.dtype)
-        for u, o in zip(units, outs, strict=True):
-            arr[u.w_index, u.lr_index, u.init] = np.asarray(o[k])
+        for (wi, li, i), o in outs.items():
+            arr[wi, li, i] = np.asarray(o[k])
         res[k] = arr
     res["widths"] = np.asarray(cfg.model.widths)
     res["learning_rates"] = np.asarray(cfg.train.learning_rates)
     return res
+
+
+#: Parameters of one ensemble chunk (bytes): a unit whose members together hold
+#: more is trained in several chunks, so memory stays that of about this many bytes.
+ENSEMBLE_BYTES = 1 << 30
+
+
+def member_bytes(cfg, width: int, in_dim: int, dtype) -> int:
+    """Bytes of one network's parameters at ``width`` (abstract build: nothing runs);
+    0 if the builder cannot be traced."""
+    from ntkexp.models import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    try:
+        shapes = jax.eval_shape(lambda k: arch.build(cfg.model.spec(width), in_dim, k,
+                                                     dtype)[1], jax.random.key(0))
+    except Exception:  # noqa: BLE001 - untraceable plug-in builder: no chunking
+        return 0
+    return int(sum(np.prod(l.shape) * np.dtype(l.dtype).itemsize
+                   for l in jax.tree_util.tree_leaves(shapes)))
+
+
+def chunk_inits(inits: tuple[int, ...], nbytes: int, budget: int | None = None
+                ) -> list[tuple[int, ...]]:
+    """Split ``inits`` into equal-as-possible chunks of at most ``budget // nbytes`` members."""
+    budget = ENSEMBLE_BYTES if budget is None else budget
+    size = len(inits) if nbytes <= 0 else max(1, min(len(inits), budget // nbytes))
+    n = -(-len(inits) // size)
+    size = -(-len(inits) // n)
+    return [inits[i:i + size] for i in range(0, len(inits), size)]
 
 
 def _owner(obj) -> str:
@@ -338,8 +412,8 @@ def check_architecture(cfg, data, dtype) -> None:
     width = min(cfg.model.widths)
     x = data.x_train[:2]
     try:
-        built = arch.build(cfg.model.spec(width), data.x_train.shape[1], init_key(
-            cfg, Unit(width, cfg.train.learning_rates[0], 0, 0, 0)), dtype)
+        built = arch.build(cfg.model.spec(width), data.x_train.shape[1], init_key(cfg, 0),
+                           dtype)
     except Exception as e:  # noqa: BLE001 - any failure of user code is one line
         raise UserError(f"{who}: its builder failed at width {width}: {_first_line(e)}") \
             from None
@@ -377,17 +451,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ConfigError, DataError, RegistryError)
 
 
-def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunResult:
+def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
+        after_chunk: Callable[[Unit], Any] | None = None) -> RunResult:
     """Run the experiment of the resolved config ``cfg`` into ``workdir``.
+
+    Units (one per width and learning rate) are trained as ensembles of their
+    initialisations (in chunks of about :data:`ENSEMBLE_BYTES` of parameters)
+    and cached per initialisation, so a run that stopped part-way resumes with
+    only what was not finished. With ``distributed.enabled`` the units are split
+    over the processes and only process 0 writes ``workdir``
+    (:mod:`ntkexp.experiments.distributed`).
 
     Args:
       cfg: a :class:`ntkexp.config.RunConfig`.
       workdir: the run folder (created; finished units in it are reused).
       force: recompute every unit even if a cached one exists.
       quiet: no progress bar.
+      after_chunk: called with the :class:`Unit` of each computed chunk after
+        its files are written (a hook for tests and drivers; may raise to stop).
 
     Returns:
-      A :class:`RunResult` with the run folder, the figure paths and the summary.
+      A :class:`RunResult` with the run folder, the figure paths and the summary
+      (on processes other than 0: no figures and an empty summary).
 
     Raises:
       UserError: the device is missing, the dataset cannot be built or a
@@ -409,13 +494,14 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunRe
             raise UserError(f"{src}{e}") from None
         check_architecture(cfg, data, dtype)
 
+    cluster = distributed.current()
     created = not os.path.exists(workdir)
     written: list[str] = []
     try:
         return _run_in(cfg, exp, data, workdir, dtype, device, force=force, quiet=quiet,
-                       written=written, t0=t0)
+                       written=written, t0=t0, cluster=cluster, after_chunk=after_chunk)
     except _user_errors() as e:
-        if created and not written:
+        if created and not written and cluster.is_main:
             shutil.rmtree(workdir, ignore_errors=True)
         if isinstance(e, UserError):
             raise
@@ -424,42 +510,111 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False) -> RunRe
             from None
 
 
-def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written,
-            t0) -> RunResult:
-    """The body of :func:`run` once the inputs are checked; appends each finished
-    unit's path to ``written``."""
+_RUNS = [0]
+
+
+def _unit_label(cfg, u: Unit) -> str:
+    lr = f" lr {u.learning_rate:g}" if len(cfg.train.learning_rates) > 1 else ""
+    return f"width {u.width}{lr}"
+
+
+def _compute_chunk(cfg, exp, data, u: Unit, progress) -> list[dict[str, np.ndarray]]:
+    """Per-initialisation outputs of ``u.inits`` (ensemble call, or one by one)."""
+    if exp.per_init:
+        return [{k: np.asarray(v) for k, v in exp.compute_unit(cfg, data, m, progress).items()}
+                for m in members(u)]
+    out = {k: np.asarray(v) for k, v in exp.compute_unit(cfg, data, u, progress).items()}
+    K = len(u.inits)
+    for k, v in out.items():
+        if v.ndim == 0 or v.shape[0] != K:
+            raise ValueError(f"experiment {exp.name!r}: compute_unit must return arrays with a "
+                             f"leading axis of {K} (one entry per initialisation), got "
+                             f"{k!r} of shape {v.shape}")
+    return [{k: v[i] for k, v in out.items()} for i in range(K)]
+
+
+def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0, cluster,
+            after_chunk) -> RunResult:
+    """The body of :func:`run` once the inputs are checked; appends each unit file
+    process 0 writes to ``written``."""
     from ntkexp.plotting import plot_run
 
+    _RUNS[0] += 1
+    key = f"ntkexp/run{_RUNS[0]}"
+    main = cluster.is_main
+    code = provenance.code_fingerprint(tuple(cfg.plugins))
+    units = make_units(cfg)
+    paths = {(u.w_index, u.lr_index, k): unit_path(workdir, cfg, u, k, code)
+             for u in units for k in u.inits}
     with jax.default_device(device):
-        os.makedirs(workdir, exist_ok=True)
-        for stale in ("meta.json", "summary.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(workdir, stale))
-        _remove_temporaries(workdir)
-
-        units = make_units(cfg)
-        paths = [unit_path(workdir, cfg, u) for u in units]
-        todo = [i for i, p in enumerate(paths) if force or not os.path.exists(p)]
-        progress = _Progress(len(todo) * exp.unit_work(cfg), quiet)
-        outs: list[Any] = [None] * len(units)
+        if main:
+            os.makedirs(workdir, exist_ok=True)
+            for stale in ("meta.json", "summary.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(workdir, stale))
+            _remove_temporaries(workdir)
+        # process 0 reads the cache and tells the others what is left
+        outs: dict[tuple[int, int, int], Any] = {}
+        todo_keys = None
+        if main:
+            for ident, p in paths.items():
+                if force or not os.path.exists(p):
+                    continue
+                try:
+                    outs[ident] = io.read_npz(p)
+                except Exception:  # noqa: BLE001 - unreadable cache: recompute it
+                    pass
+            todo_keys = [list(ident) for ident in paths if ident not in outs]
+        todo_keys = {tuple(t) for t in distributed.broadcast(cluster, f"{key}/todo", todo_keys)}
+        todo = [u._replace(inits=tuple(k for k in u.inits
+                                       if (u.w_index, u.lr_index, k) in todo_keys))
+                for u in units]
+        todo = [u for u in todo if u.inits]
+        in_dim = data.x_train.shape[1]
+        chunks = [c for u in todo for c in
+                  (u._replace(inits=ks) for ks in
+                   chunk_inits(u.inits, member_bytes(cfg, u.width, in_dim, dtype)))]
+        owner = distributed.assign([c.width * len(c.inits) for c in chunks], cluster.count)
+        mine = [c for c, o in zip(chunks, owner, strict=True) if o == cluster.index]
+        work = exp.unit_work(cfg)
+        progress = _Progress(sum(len(c.inits) for c in mine) * work, quiet or not main)
+        sent: dict[str, dict] = {}
         try:
-            for i, (u, p) in enumerate(zip(units, paths, strict=True)):
-                if i not in todo:
-                    try:
-                        outs[i] = io.read_npz(p)
-                        continue
-                    except Exception:  # noqa: BLE001 - unreadable cache: recompute it
-                        pass
-                lr = (f" lr {u.learning_rate:g}" if len(cfg.train.learning_rates) > 1 else "")
-                progress.describe(f"width {u.width}{lr} init {u.init + 1}/{cfg.train.inits}")
-                out = {k: np.asarray(v) for k, v in
-                       exp.compute_unit(cfg, data, u, progress).items()}
-                io.write_npz(p, out)
-                written.append(p)
-                outs[i] = out
+            for c in mine:
+                progress.describe(f"{_unit_label(cfg, c)} inits "
+                                  f"{c.inits[0] + 1}-{c.inits[-1] + 1}/{cfg.train.inits}")
+                for k, o in zip(c.inits, _compute_chunk(cfg, exp, data, c, progress),
+                                strict=True):
+                    ident = (c.w_index, c.lr_index, k)
+                    outs[ident] = o
+                    if main:
+                        io.write_npz(paths[ident], o)
+                        written.append(paths[ident])
+                    else:
+                        sent[os.path.basename(paths[ident])] = o
+                if after_chunk is not None:
+                    after_chunk(c)
+        except BaseException as e:
+            if cluster.count > 1 and not main:
+                distributed.send_failure(cluster, key, _first_line(e))
+            raise
         finally:
             progress.close()
-
+        by_process = {str(p): [f"{_unit_label(cfg, c)} inits {list(c.inits)}"
+                               for c, o in zip(chunks, owner, strict=True) if o == p]
+                      for p in range(cluster.count)}
+        if not main:
+            distributed.send(cluster, key, sent)
+            distributed.barrier(cluster, f"{key}/end")
+            return RunResult(workdir, (), "", {}, sum(len(c.inits) for c in mine), 0)
+        if cluster.count > 1:
+            by_name = {os.path.basename(p): ident for ident, p in paths.items()}
+            for got in distributed.receive(cluster, key).values():
+                for name, o in got.items():
+                    ident = by_name[name]
+                    io.write_npz(paths[ident], o)
+                    written.append(paths[ident])
+                    outs[ident] = o
         results = stack_units(cfg, units, outs)
         for k, v in exp.reference(cfg, data).items():
             results[f"limit_{k}"] = np.asarray(v)
@@ -470,8 +625,9 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written,
     io.write_json(os.path.join(workdir, "summary.json"), summary)
     io.write_yaml(os.path.join(workdir, "config.yaml"), cfg.to_dict())
     figures = plot_run(workdir, require_complete=False)
-    main = next((f for f in figures if os.path.basename(f) == f"{exp.main_figure}.png"),
-                figures[0] if figures else "")
+    main_fig = next((f for f in figures if os.path.basename(f) == f"{exp.main_figure}.png"),
+                    figures[0] if figures else "")
+    n_todo = len(todo_keys)
     meta = {
         "experiment": cfg.experiment,
         "config_source": os.path.abspath(cfg.source) if cfg.source else None,
@@ -481,13 +637,19 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written,
         "device_kind": getattr(device, "device_kind", None),
         "backend": jax.default_backend(),
         "versions": _versions(),
-        "git_commit": _git_commit(),
-        "units": len(units),
-        "units_computed": len(todo),
-        "units_reused": len(units) - len(todo),
+        "git_commit": code["git_commit"],
+        "git_dirty": code["git_dirty"],
+        "code": code,
+        "units": len(paths),
+        "ensembles": len(units),
+        "units_computed": n_todo,
+        "units_reused": len(paths) - n_todo,
+        "processes": cluster.count,
+        "units_by_process": by_process,
         "wall_time_s": round(time.time() - t0, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "complete": True,
     }
     io.write_json(os.path.join(workdir, "meta.json"), meta)
-    return RunResult(workdir, tuple(figures), main, summary, len(todo), len(units) - len(todo))
+    distributed.barrier(cluster, f"{key}/end")
+    return RunResult(workdir, tuple(figures), main_fig, summary, n_todo, len(paths) - n_todo)

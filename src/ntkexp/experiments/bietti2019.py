@@ -105,7 +105,7 @@ def activation_label(entry) -> str:
 
 
 def compute_unit(cfg, data, unit, progress):
-    progress(1)
+    progress(len(unit.inits))
     return {}
 
 

@@ -1,24 +1,75 @@
-"""Pieces shared by the experiment kinds: building a unit's network, one row of
-the empirical NTK, and training through ``ntkexp.training.train``."""
+"""Pieces shared by the experiment kinds (the one shared module: no experiment
+imports another).
+
+* Networks: :func:`build_ensemble` (the stacked initialisations of a unit,
+  each drawn from its ``init`` stream key), :func:`build_network` (one).
+* Training: :func:`train_ensemble` trains a unit's members as one ensemble
+  through ``ntkexp.training.train(ensemble=True)`` with the learning rate
+  traced (:func:`traced_learning_rate`: a learning-rate sweep, or one step
+  size per member, compiles once per shape) and reports progress
+  (:func:`progress_callback`, the one copy of that loop).
+* Kernels: :func:`ntk_row` / :func:`ntk_rows` (one row of the empirical NTK,
+  per member), the infinite-width limit :func:`limit_kernel` (analytic or
+  Monte Carlo) and its summary record.
+* The two-layer ReLU net of Du et al. / Arora et al.: :func:`gram_two_layer`,
+  :func:`h_infinity`, :func:`check_two_layer`.
+* Small helpers: :func:`circle_grid`, :func:`check_common`, :func:`rms`,
+  :func:`make_optimizer`, :func:`fit_exponent`.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ntkexp.config import ConfigError
-from ntkexp.experiments.base import Unit, init_key
+from ntkexp.experiments import streams
+from ntkexp.experiments.base import Member, Unit
 
 
-def build_network(cfg, unit: Unit, in_dim: int, dtype):
-    """``(apply_fn, params)`` of initialisation ``unit.init`` at ``unit.width``."""
+def _arch(cfg):
     from ntkexp.models import ARCHITECTURES
 
-    arch = ARCHITECTURES.get(cfg.model.arch)
-    return arch.build(cfg.model.spec(unit.width), in_dim, init_key(cfg, unit), dtype)
+    return ARCHITECTURES.get(cfg.model.arch)
+
+
+def build_network(cfg, member: Member | int, in_dim: int, dtype, spec=None):
+    """``(apply_fn, params)`` of one initialisation (a :class:`Member` or its number)."""
+    init = member if isinstance(member, int) else member.init
+    spec = cfg.model.spec(member.width) if spec is None else spec
+    return _arch(cfg).build(spec, in_dim, streams.init_key(cfg, init), dtype)
+
+
+def build_ensemble(cfg, unit: Unit, in_dim: int, dtype, spec=None, builder=None):
+    """``(apply_fn, params)`` of ``unit.inits`` stacked on a leading axis K.
+
+    Member k is the network built from ``streams.init_key(cfg, unit.inits[k])``,
+    the same parameters as a single build from that key (vmapped build).
+
+    Args:
+      spec: the architecture spec (default ``cfg.model.spec(unit.width)``).
+      builder: ``(key) -> (apply_fn, params)`` instead of the architecture's.
+    """
+    from ntkexp.training import init_ensemble
+
+    if builder is None:
+        arch = _arch(cfg)
+        spec = cfg.model.spec(unit.width) if spec is None else spec
+
+        def builder(k):
+            return arch.build(spec, in_dim, k, dtype)
+
+    return init_ensemble(builder, in_dim, streams.keys(cfg.seed, "init", unit.inits))
+
+
+def per_member(fn, params, *args):
+    """``fn(params_k, *args)`` for every member k (vmapped over the leading axis)."""
+    return jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(params, *args)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -44,52 +95,166 @@ def ntk_row(apply_fn, params, x0, xs):
     return t
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def ntk_rows(apply_fn, params, x0, xs):
+    """:func:`ntk_row` of every member of stacked ``params``: ``(K, n)``."""
+    return jax.vmap(ntk_row.__wrapped__, in_axes=(None, 0, None, None))(apply_fn, params, x0, xs)
+
+
+# --------------------------------------------------------------------------
+# Training an ensemble with a traced learning rate
+# --------------------------------------------------------------------------
+
+#: Registered optimizers whose update is ``learning_rate * (update at rate 1)``:
+#: their rate can be traced (one compiled program per shape, per-member rates).
+LINEAR_IN_LEARNING_RATE = ("gd", "sgd", "ngd")
+
+
+class TracedLRState(NamedTuple):
+    """State of :func:`traced_learning_rate`: the inner state and ``{"learning_rate": a}``."""
+
+    inner: Any
+    hyperparams: dict
+
+
+def traced_learning_rate(inner: optax.GradientTransformation
+                         ) -> optax.GradientTransformationExtraArgs:
+    """``inner`` (built at learning rate 1) scaled by a learning rate held in its state.
+
+    The rate is an array in ``state.hyperparams["learning_rate"]`` (set by
+    ``train(..., hyperparams={"learning_rate": eta})``, a scalar or one per
+    member), so it is traced, not baked into the compiled program. For an
+    optimizer linear in its rate (``gd``, ``sgd``, ``ngd``: update
+    ``-eta d``) the updates equal ``inner`` built at ``eta`` bit for bit:
+    ``eta * (-d) == (-eta) * d`` in floating point.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        leaves = jax.tree_util.tree_leaves(params)
+        dt = leaves[0].dtype if leaves else jnp.float32
+        return TracedLRState(inner.init(params), {"learning_rate": jnp.ones((), dt)})
+
+    def update(updates, state, params=None, **extra):
+        upd, s = inner.update(updates, state.inner, params, **extra)
+        lr = state.hyperparams["learning_rate"]
+        upd = jax.tree_util.tree_map(lambda u: lr.astype(u.dtype) * u, upd)
+        return upd, TracedLRState(s, state.hyperparams)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 @functools.lru_cache(maxsize=64)
-def _optimizer(name: str, learning_rate: float, options: tuple):
-    """One optimizer object per setting, so that the training loop's jit cache (keyed
-    on the optimizer) is reused across initialisations instead of recompiling."""
+def _optimizer(name: str, learning_rate: float | None, options: tuple):
+    """One optimizer object per setting (``learning_rate=None``: traced), so that the
+    training loop's jit cache (keyed on the optimizer) is reused across units."""
     from ntkexp.optim import OPTIMIZERS
 
-    return OPTIMIZERS.get(name)(learning_rate=learning_rate, **dict(options))
+    build = OPTIMIZERS.get(name)
+    if learning_rate is None:
+        return traced_learning_rate(build(learning_rate=1.0, **dict(options)))
+    return build(learning_rate=learning_rate, **dict(options))
+
+
+def make_optimizer(cfg, learning_rate: float | None = None, name: str | None = None,
+                   options: dict | None = None):
+    """The configured optimizer (``cfg.train.optimizer`` and its options unless
+    ``name`` is given); ``learning_rate=None``: its rate traced (for the optimizers in
+    :data:`LINEAR_IN_LEARNING_RATE`).
+
+    Raises:
+      ConfigError: bad ``train.optimizer_options``.
+    """
+    if options is None:
+        options = cfg.train.optimizer_options if name is None else {}
+    try:
+        return _optimizer(name or cfg.train.optimizer, learning_rate,
+                          tuple(sorted(options.items())))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.optimizer_options: {e}") from None
+
+
+def progress_callback(progress, members: int = 1):
+    """``(callback(step, losses), finish())`` for ``train``: advances ``progress`` by
+    ``members`` per step (all of an ensemble's members take each step)."""
+    done = [0]
+
+    def callback(step, losses):
+        progress(members * (int(step) - done[0]))
+        done[0] = int(step)
+
+    def finish(steps: int):
+        progress(members * (steps - done[0]))
+        done[0] = steps
+
+    return callback, finish
 
 
 _FROM_CONFIG = object()
 
 
-def train_unit(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimizer=None,
-               learning_rate=None, batch_size=_FROM_CONFIG, record_steps=(), key_salt: int = 7):
-    """Train one network as ``cfg.train`` says; returns ``ntkexp.training.TrainResult``.
+def train_ensemble(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimizer=None,
+                   learning_rate=None, batch_size=_FROM_CONFIG, record_steps=(), run: int = 0,
+                   targets_per_member: bool = False, probe_x=None, options=None):
+    """Train the members of ``unit`` (stacked ``params``) as ``cfg.train`` says.
 
     Args:
-      cfg, apply_fn, params, x, y, unit, progress: the unit being computed.
+      cfg, apply_fn, params, x, y, unit, progress: the unit being computed;
+        ``params`` has a leading axis ``len(unit.inits)``.
       optimizer: registered optimizer name overriding ``cfg.train.optimizer``
-        (its ``optimizer_options`` are then not applied).
-      learning_rate: overrides ``unit.learning_rate``.
+        (its ``optimizer_options`` are then not applied unless ``options``).
+      learning_rate: overrides ``unit.learning_rate``: a number, or ``(K,)``
+        values, one per member.
       batch_size: overrides ``cfg.train.batch_size`` (None: full batch).
       record_steps: steps at which ``train`` records its diagnostics.
-      key_salt: folded into the unit's key for the SGD batch order.
+      run: index of this training run within the unit (its mini-batch stream).
+      targets_per_member: ``y`` is ``(K, n[, out])``, one target set per member.
+      probe_x: passed to ``train``.
+
+    Returns:
+      ``ntkexp.training.TrainResult`` with a leading member axis.
     """
     from ntkexp.training import train
 
-    options = cfg.train.optimizer_options if optimizer is None else {}
-    try:
-        opt = _optimizer(optimizer or cfg.train.optimizer,
-                         unit.learning_rate if learning_rate is None else learning_rate,
-                         tuple(sorted(options.items())))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.optimizer_options: {e}") from None
-    done = [0]
+    name = optimizer or cfg.train.optimizer
+    K = len(unit.inits)
+    lr = unit.learning_rate if learning_rate is None else learning_rate
+    lr = np.broadcast_to(np.asarray(lr, np.float64), (K,))
+    if options is None:
+        options = cfg.train.optimizer_options if optimizer is None else {}
+    bs = cfg.train.batch_size if batch_size is _FROM_CONFIG else batch_size
+    keys = streams.keys(cfg.seed, "minibatch", unit.inits, run)
+    callback, finish = progress_callback(progress, K)
+    common = dict(steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction,
+                  batch_size=bs, record_steps=record_steps, probe_x=probe_x)
+    if name in LINEAR_IN_LEARNING_RATE:
+        opt = make_optimizer(cfg, None, name, options)
+        res = train(apply_fn, params, x, y, optimizer=opt, key=keys, ensemble=True,
+                    targets_per_member=targets_per_member, callback=callback,
+                    hyperparams={"learning_rate": jnp.asarray(lr)}, **common)
+    elif np.all(lr == lr[0]):  # a rate baked into an optimizer we cannot trace
+        opt = make_optimizer(cfg, float(lr[0]), name, options)
+        res = train(apply_fn, params, x, y, optimizer=opt, key=keys, ensemble=True,
+                    targets_per_member=targets_per_member, callback=callback, **common)
+    else:  # one rate per member, baked: member by member
+        parts = []
+        for i in range(K):
+            one = jax.tree_util.tree_map(lambda a, i=i: a[i:i + 1], params)
+            yi = y[i:i + 1] if targets_per_member else y
+            opt = make_optimizer(cfg, float(lr[i]), name, options)
+            parts.append(train(apply_fn, one, x, yi, optimizer=opt, key=keys[i:i + 1],
+                               ensemble=True, targets_per_member=targets_per_member,
+                               **common))
 
-    def callback(step, losses):
-        progress(int(step) - done[0])
-        done[0] = int(step)
+        def cat(*a):
+            return None if a[0] is None else jax.tree_util.tree_map(
+                lambda *b: jnp.concatenate(b), *a)
 
-    res = train(apply_fn, params, x, y, optimizer=opt, steps=cfg.train.steps,
-                loss_reduction=cfg.train.loss_reduction,
-                batch_size=cfg.train.batch_size if batch_size is _FROM_CONFIG else batch_size,
-                key=jax.random.fold_in(init_key(cfg, unit), key_salt),
-                record_steps=record_steps, callback=callback)
-    progress(cfg.train.steps - done[0])
+        res = parts[0]._replace(**{
+            f: cat(*[getattr(r, f) for r in parts])
+            for f in ("params", "losses", "probe_outputs", "probe_ntk", "distance",
+                      "flip_fraction", "max_weight_distance", "opt_state")})
+    finish(cfg.train.steps)
     return res
 
 
@@ -120,10 +285,6 @@ def rms(a, axis=None) -> float | np.ndarray:
 # The infinite-width limit: analytic where registered, else Monte Carlo
 # --------------------------------------------------------------------------
 
-#: Key salt of the Monte Carlo limit's initialisations (distinct from the units').
-_MC_SALT = 0x4D43
-
-
 def limit_method(cfg, requested: str = "auto") -> str:
     """``"analytic"`` if the architecture registers an analytic kernel (and
     ``requested`` is not ``"monte_carlo"``), else ``"monte_carlo"``.
@@ -153,7 +314,7 @@ def limit_kernel(cfg, x1, x2=None, *, method: str, mc_width: int, mc_samples: in
     ``ntkexp.empirical.monte_carlo_kernel``, the mean empirical kernel of
     ``mc_samples`` initialisations at width ``mc_width`` (its error falls like
     ``1/sqrt(mc_samples * mc_width)`` plus an ``O(1/mc_width)`` bias), drawn from
-    keys independent of the units'.
+    the ``monte_carlo`` stream, independent of the units' ``init`` stream.
 
     Args:
       cfg: the resolved run config.
@@ -162,7 +323,6 @@ def limit_kernel(cfg, x1, x2=None, *, method: str, mc_width: int, mc_samples: in
     Returns:
       ``Kernel`` with ``(n1, n2)`` arrays.
     """
-    import jax
 
     from ntkexp.empirical import monte_carlo_kernel
     from ntkexp.models import ARCHITECTURES
@@ -175,7 +335,7 @@ def limit_kernel(cfg, x1, x2=None, *, method: str, mc_width: int, mc_samples: in
     def builder(key, width):
         return arch.build(cfg.model.spec(width), in_dim, key, dtype)
 
-    key = jax.random.fold_in(jax.random.key(cfg.seed), _MC_SALT)
+    key = streams.monte_carlo_key(cfg)
     return monte_carlo_kernel(builder, x1, x2, key=key, n_samples=int(mc_samples),
                               width=int(mc_width), batch_size=mc_batch)
 
@@ -195,3 +355,57 @@ def limit_summary(cfg, method: str, mc_width: int, mc_samples: int) -> dict:
             "note": (f"Monte Carlo estimate of the limit ({why}): the mean empirical "
                      f"kernel of {int(mc_samples)} initialisations at width "
                      f"{int(mc_width)}")}
+
+
+# --------------------------------------------------------------------------
+# Du et al. (2019) / Arora et al. (2019): the two-layer ReLU net
+# --------------------------------------------------------------------------
+
+
+@jax.jit
+def gram_two_layer(W, x):
+    """Finite-width Gram matrix of the two-layer net (Du et al. 2019, eq. 3.2;
+    Arora et al. 2019, eq. 4 at finite width).
+
+    ``H(W)_ij = (x_i . x_j / m) sum_r 1{w_r . x_i > 0} 1{w_r . x_j > 0}``: the
+    empirical NTK of the first layer, formed in ``O(n^2 m)`` without the
+    ``(n, d m)`` Jacobian.
+
+    Args:
+      W: ``(d, m)`` first-layer weights (columns are ``w_r``).
+      x: ``(n, d)`` inputs.
+
+    Returns:
+      ``(n, n)`` symmetric matrix.
+    """
+    act = (x @ W > 0).astype(x.dtype)
+    H = (x @ x.T) * (act @ act.T) / W.shape[1]
+    return 0.5 * (H + H.T)
+
+
+def h_infinity(x):
+    """``H^inf (n, n)`` of Du et al. (2019, eq. 3.1) / Arora et al. (2019, eq. 4)
+    for unit-norm ``x (n, d)``: ``x_i . x_j (pi - arccos(x_i . x_j)) / (2 pi)``."""
+    from ntkexp.models.two_layer import TwoLayerSpec, two_layer_kernel
+
+    return two_layer_kernel(TwoLayerSpec(width=1), x).ntk
+
+
+def check_two_layer(cfg, name: str) -> None:
+    """Settings the two-layer experiments need (Du et al. 2019's model and data)."""
+    if cfg.model.arch != "two_layer_relu":
+        raise ConfigError(f"model.arch: {name} trains Du et al.'s two-layer net; set "
+                          f"two_layer_relu, got {cfg.model.arch!r}")
+    if cfg.model.out_dim != 1:
+        raise ConfigError(f"model.out_dim: {name} needs a scalar output (1), got "
+                          f"{cfg.model.out_dim}")
+
+
+def fit_exponent(widths, values) -> float:
+    """Least-squares slope of ``log(values)`` against ``log(widths)`` (a power law's exponent)."""
+    w = np.asarray(widths, np.float64)
+    v = np.asarray(values, np.float64)
+    ok = np.isfinite(v) & (v > 0)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(w[ok]), np.log(v[ok]), 1)[0])

@@ -8,8 +8,8 @@ points uniform on the unit sphere ``S^{d-1}`` with ``N(0, 1)`` labels
 (config: ``model.arch: two_layer_relu``, ``data.name: sphere``,
 ``data.target: normal``, ``train.loss_reduction: sum``).
 
-For each width m and each of ``train.inits`` initialisations, one unit trains
-the net for ``train.steps`` steps and records, every ``params.record_every``
+For each width m, one unit trains the ``train.inits`` initialisations as one
+ensemble for ``train.steps`` steps and records, every ``params.record_every``
 steps: (a) the training loss (every step), (b) the fraction of activation
 patterns flipped, ``sum_{i,r} 1{sign(w_r(0).x_i) != sign(w_r(k).x_i)} / (mn)``,
 and (c) ``max_r ||w_r(k) - w_r(0)||_2`` (Du et al. 2019, Fig. 1). It also
@@ -48,8 +48,16 @@ import numpy as np
 
 import ntkexp.models.two_layer  # noqa: F401  (registers the two_layer_relu architecture)
 from ntkexp.config import ConfigError
-from ntkexp.experiments.base import Experiment, Unit, register_experiment
-from ntkexp.experiments.common import build_network, train_unit
+from ntkexp.experiments.base import Experiment, register_experiment
+from ntkexp.experiments.common import (
+    build_ensemble,
+    check_two_layer,
+    fit_exponent,
+    gram_two_layer,
+    h_infinity,
+    per_member,
+    train_ensemble,
+)
 
 NAME = "du2019_fig1"
 
@@ -71,35 +79,8 @@ class Params:
 
 
 # --------------------------------------------------------------------------
-# Numerical pieces (pure, jitted)
+# Numerical pieces (pure)
 # --------------------------------------------------------------------------
-
-
-@jax.jit
-def gram_two_layer(W, x):
-    """Finite-width Gram matrix of the two-layer net (Du et al. 2019, eq. 3.2).
-
-    ``H(W)_ij = (x_i . x_j / m) sum_r 1{w_r . x_i > 0} 1{w_r . x_j > 0}``: the
-    empirical NTK of the first layer, formed in ``O(n^2 m)`` without the
-    ``(n, d m)`` Jacobian.
-
-    Args:
-      W: ``(d, m)`` first-layer weights (columns are ``w_r``).
-      x: ``(n, d)`` inputs.
-
-    Returns:
-      ``(n, n)`` symmetric matrix.
-    """
-    act = (x @ W > 0).astype(x.dtype)
-    H = (x @ x.T) * (act @ act.T) / W.shape[1]
-    return 0.5 * (H + H.T)
-
-
-def h_infinity(x):
-    """``H^inf (n, n)`` of Du et al. (2019, eq. 3.1) for unit-norm ``x (n, d)``."""
-    from ntkexp.models.two_layer import TwoLayerSpec, two_layer_kernel
-
-    return two_layer_kernel(TwoLayerSpec(width=1), x).ntk
 
 
 def iterations_to(loss, fraction: float) -> float:
@@ -109,28 +90,9 @@ def iterations_to(loss, fraction: float) -> float:
     return float(hit[0]) if hit.size else float("nan")
 
 
-def fit_exponent(widths, values) -> float:
-    """Least-squares slope of ``log(values)`` against ``log(widths)`` (a power law's exponent)."""
-    w = np.asarray(widths, np.float64)
-    v = np.asarray(values, np.float64)
-    ok = np.isfinite(v) & (v > 0)
-    if ok.sum() < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(w[ok]), np.log(v[ok]), 1)[0])
-
-
 def record_schedule(steps: int, every: int) -> tuple[int, ...]:
     """Steps ``0, every, 2 every, ..., steps`` (the last step always included)."""
     return tuple(sorted(set(range(0, steps + 1, every)) | {steps}))
-
-
-def train_recorded(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimizer=None,
-                   learning_rate=None, batch_size=None, record_steps=(), key_salt: int = 7):
-    """:func:`ntkexp.experiments.common.train_unit` with full-batch GD unless
-    ``batch_size`` is given (Du et al. and the NGD comparison train full batch)."""
-    return train_unit(cfg, apply_fn, params, x, y, unit, progress, optimizer=optimizer,
-                      learning_rate=learning_rate, batch_size=batch_size,
-                      record_steps=record_steps, key_salt=key_salt)
 
 
 # --------------------------------------------------------------------------
@@ -148,18 +110,20 @@ def _predicted_loss(x, u0, y, lr, *, steps, loss_reduction):
 
 def compute_unit(cfg, data, unit, progress):
     x, y = data.x_train, data.y_train
-    apply_fn, params = build_network(cfg, unit, x.shape[1], x.dtype)
+    apply_fn, params = build_ensemble(cfg, unit, x.shape[1], x.dtype)
+    K = len(unit.inits)
     rec = record_schedule(cfg.train.steps, cfg.params.record_every)
-    u0 = apply_fn(params, x)
-    pred = _predicted_loss(x, u0, y, jnp.asarray(unit.learning_rate, x.dtype),
-                           steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction)
-    res = train_recorded(cfg, apply_fn, params, x, y, unit, progress, record_steps=rec)
-    lam0 = jnp.linalg.eigvalsh(gram_two_layer(params["W"], x))[0]
-    lam1 = jnp.linalg.eigvalsh(gram_two_layer(res.params["W"], x))[0]
+    u0 = per_member(apply_fn, params, x)
+    lr = jnp.asarray(unit.learning_rate, x.dtype)
+    pred = jax.vmap(lambda u: _predicted_loss(x, u, y, lr, steps=cfg.train.steps,
+                                              loss_reduction=cfg.train.loss_reduction))(u0)
+    res = train_ensemble(cfg, apply_fn, params, x, y, unit, progress, batch_size=None,
+                         record_steps=rec)
+    lam = jax.vmap(lambda W: jnp.linalg.eigvalsh(gram_two_layer(W, x))[0])
     return {"loss": res.losses, "loss_pred": pred, "flip_fraction": res.flip_fraction,
             "max_distance": res.max_weight_distance,
-            "record_steps": np.asarray(res.record_steps, np.int32),
-            "lambda_min_init": lam0, "lambda_min_final": lam1}
+            "record_steps": np.tile(np.asarray(res.record_steps, np.int32), (K, 1)),
+            "lambda_min_init": lam(params["W"]), "lambda_min_final": lam(res.params["W"])}
 
 
 def reference(cfg, data):
@@ -274,16 +238,6 @@ def plot(results, summary, cfg_dict, fig_dir):
                  f"(2/lambda_max(H^inf) = {summary['eta_max_stable']:.3g})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, fig_dir, NAME)
-
-
-def check_two_layer(cfg, name: str) -> None:
-    """Settings the two-layer experiments need (Du et al. 2019's model and data)."""
-    if cfg.model.arch != "two_layer_relu":
-        raise ConfigError(f"model.arch: {name} trains Du et al.'s two-layer net; set "
-                          f"two_layer_relu, got {cfg.model.arch!r}")
-    if cfg.model.out_dim != 1:
-        raise ConfigError(f"model.out_dim: {name} needs a scalar output (1), got "
-                          f"{cfg.model.out_dim}")
 
 
 def check(cfg):

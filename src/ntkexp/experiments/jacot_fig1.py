@@ -1,8 +1,8 @@
 """Jacot, Gabriel & Hongler (2018), Figure 1: the NTK converges to a fixed limit
 and stays put during training as the width grows.
 
-For each width n and each of ``train.inits`` initialisations, one unit
-computes the empirical NTK ``Theta(x0, x)`` with ``x0 = (1, 0)`` and
+For each width n, one unit takes the ``train.inits`` initialisations as one
+ensemble and computes, for each, the empirical NTK ``Theta(x0, x)`` with ``x0 = (1, 0)`` and
 ``x = (cos g, sin g)``, ``g in [-pi, pi]`` (``params.n_gamma`` points), at
 initialisation (t = 0) and after ``train.steps`` steps of full-batch GD on the
 least-squares task of ``data`` (t = steps x learning rate, so t = 200 with the
@@ -41,15 +41,15 @@ import numpy as np
 
 from ntkexp.experiments.base import Experiment, register_experiment
 from ntkexp.experiments.common import (
-    build_network,
+    build_ensemble,
     check_common,
     circle_grid,
     limit_kernel,
     limit_method,
     limit_summary,
-    ntk_row,
+    ntk_rows,
     rms,
-    train_unit,
+    train_ensemble,
 )
 
 
@@ -81,12 +81,12 @@ def _x0(cfg, dtype):
 
 def compute_unit(cfg, data, unit, progress):
     dtype = data.x_train.dtype
-    apply_fn, params = build_network(cfg, unit, data.x_train.shape[1], dtype)
+    apply_fn, params = build_ensemble(cfg, unit, data.x_train.shape[1], dtype)
     _, xs = circle_grid(cfg.params.n_gamma, dtype)
     x0 = _x0(cfg, dtype)
-    k0 = ntk_row(apply_fn, params, x0, xs)
-    res = train_unit(cfg, apply_fn, params, data.x_train, data.y_train, unit, progress)
-    kt = ntk_row(apply_fn, res.params, x0, xs)
+    k0 = ntk_rows(apply_fn, params, x0, xs)
+    res = train_ensemble(cfg, apply_fn, params, data.x_train, data.y_train, unit, progress)
+    kt = ntk_rows(apply_fn, res.params, x0, xs)
     return {"ntk_init": k0, "ntk_trained": kt, "loss": res.losses}
 
 

@@ -1,7 +1,7 @@
 """Jacot, Gabriel & Hongler (2018), Figure 2: networks trained to convergence
 follow the limiting Gaussian distribution of the NTK regime.
 
-Each unit trains one initialisation at one width on the few points of ``data``
+Each unit trains the initialisations of one width, as one ensemble, on the few points of ``data``
 (the paper: 4 points on the unit circle; positions and targets are not stated,
 the config documents our choice) for ``train.steps`` GD steps and records the
 trained function ``f(cos g, sin g)`` on ``params.n_gamma`` angles in [-pi, pi].
@@ -43,14 +43,15 @@ import numpy as np
 
 from ntkexp.experiments.base import Experiment, register_experiment
 from ntkexp.experiments.common import (
-    build_network,
+    build_ensemble,
     check_common,
     circle_grid,
     limit_kernel,
     limit_method,
     limit_summary,
+    per_member,
     rms,
-    train_unit,
+    train_ensemble,
 )
 
 Z90 = 1.2815515655446004  # the 90% quantile of N(0, 1)
@@ -77,11 +78,11 @@ class Params:
 
 def compute_unit(cfg, data, unit, progress):
     dtype = data.x_train.dtype
-    apply_fn, params = build_network(cfg, unit, data.x_train.shape[1], dtype)
+    apply_fn, params = build_ensemble(cfg, unit, data.x_train.shape[1], dtype)
     _, xs = circle_grid(cfg.params.n_gamma, dtype)
-    f0 = apply_fn(params, xs)[:, 0]
-    res = train_unit(cfg, apply_fn, params, data.x_train, data.y_train, unit, progress)
-    ft = apply_fn(res.params, xs)[:, 0]
+    f0 = per_member(apply_fn, params, xs)[..., 0]
+    res = train_ensemble(cfg, apply_fn, params, data.x_train, data.y_train, unit, progress)
+    ft = per_member(apply_fn, res.params, xs)[..., 0]
     return {"f_init": f0, "f_trained": ft, "loss": res.losses}
 
 

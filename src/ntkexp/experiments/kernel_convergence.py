@@ -1,15 +1,16 @@
 """Kernel convergence: the empirical NTK at initialisation against its
 infinite-width limit, for any registered architecture (issue 7).
 
-For each width n and each of ``train.inits`` initialisations, one unit computes
-the empirical NTK ``Theta_n(X, X)`` (``ntkexp.empirical.empirical_ntk``, traced
-over outputs and divided by ``out_dim``: the per-output kernel) on the
-``data.n_train`` training inputs, and, when ``train.steps > 0``, again after
-training with ``train``'s optimizer. The reference is the limit
-``Theta_inf(X, X)``: the architecture's analytic kernel where it registers one
-(``params.limit: auto``), else a Monte Carlo estimate (the mean empirical NTK of
-``params.mc_samples`` initialisations at width ``params.mc_width``; the summary's
-``limit`` record and the command line say so).
+For each width n, one unit takes the ``train.inits`` initialisations as one
+ensemble and computes, for each, the empirical NTK ``Theta_n(X, X)``
+(``ntkexp.empirical.empirical_ntk``, traced over outputs and divided by
+``out_dim``: the per-output kernel) on the ``data.n_train`` training inputs,
+and, when ``train.steps > 0``, again after training with ``train``'s optimizer.
+The reference is the limit ``Theta_inf(X, X)``: the architecture's analytic
+kernel where it registers one (``params.limit: auto``), else a Monte Carlo
+estimate (the mean empirical NTK of ``params.mc_samples`` initialisations at
+width ``params.mc_width``; the summary's ``limit`` record and the command line
+say so).
 
 Theory (Jacot et al. 2018, Thm. 1 and 2; Arora et al. 2019, Thm. 3.1): at
 initialisation ``Theta_n -> Theta_inf`` with fluctuations of order
@@ -39,16 +40,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import numpy as np
 
 from ntkexp.config import ConfigError
 from ntkexp.experiments.base import Experiment, register_experiment
 from ntkexp.experiments.common import (
-    build_network,
+    build_ensemble,
     limit_kernel,
     limit_method,
     limit_summary,
-    train_unit,
+    train_ensemble,
 )
 
 NAME = "kernel_convergence"
@@ -77,22 +79,29 @@ class Params:
 
 
 def _ntk(cfg, apply_fn, params, x):
+    """Per-output empirical NTK of every member, ``(K, n, n)`` (one member at a time:
+    the structured path's Gram matrices are the memory, not the parameters)."""
     from ntkexp.empirical import empirical_ntk
 
-    k = empirical_ntk(apply_fn, params, x, method=cfg.params.method)
-    return k / apply_fn(params, x[:1]).shape[1]
+    K = jax.tree_util.tree_leaves(params)[0].shape[0]
+    out = []
+    for i in range(K):
+        p = jax.tree_util.tree_map(lambda a, i=i: a[i], params)
+        k = empirical_ntk(apply_fn, p, x, method=cfg.params.method)
+        out.append(np.asarray(k / apply_fn(p, x[:1]).shape[1]))
+    return np.stack(out)
 
 
 def compute_unit(cfg, data, unit, progress):
     x = data.x_train
-    apply_fn, params = build_network(cfg, unit, x.shape[1], x.dtype)
+    apply_fn, params = build_ensemble(cfg, unit, x.shape[1], x.dtype)
     k0 = _ntk(cfg, apply_fn, params, x)
     if cfg.train.steps > 0:
-        res = train_unit(cfg, apply_fn, params, x, data.y_train, unit, progress)
+        res = train_ensemble(cfg, apply_fn, params, x, data.y_train, unit, progress)
         kt, loss = _ntk(cfg, apply_fn, res.params, x), res.losses
     else:
-        kt, loss = k0, np.zeros((1,), np.asarray(k0).dtype)
-        progress(1)
+        kt, loss = k0, np.zeros((len(unit.inits), 1), k0.dtype)
+        progress(len(unit.inits))
     return {"ntk_init": k0, "ntk_trained": kt, "loss": loss}
 
 

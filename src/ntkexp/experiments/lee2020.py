@@ -43,8 +43,9 @@ import numpy as np
 
 from ntkexp.config import ConfigError
 from ntkexp.data import DataError
-from ntkexp.experiments.arora2019 import make_optimizer
-from ntkexp.experiments.base import Experiment, init_key, register_experiment
+from ntkexp.experiments import streams
+from ntkexp.experiments.base import Experiment, register_experiment
+from ntkexp.experiments.common import build_ensemble, per_member, train_ensemble
 
 NAME = "lee2020_finite_vs_infinite"
 
@@ -195,41 +196,32 @@ def _accuracy(out, labels) -> float:
 
 
 def compute_unit(cfg, data, unit, progress):
-    from ntkexp.models import ARCHITECTURES
-    from ntkexp.training import train
-
     task = Task(cfg, data)
-    arch = ARCHITECTURES.get(cfg.model.arch)
     base = cfg.model.spec(unit.width)
-    key = init_key(cfg, unit)
+    n = task.x.shape[0]
+    pkeys = streams.keys(cfg.seed, "power", unit.inits)
     outs = {k: [] for k in ("test_out", "test_acc", "eta", "final_loss")}
     for p, centred in variants(cfg):
         spec = dataclasses.replace(base, parameterization=p, out_dim=task.k)
-        apply_fn, params = arch.build(spec, task.x.shape[1], key, task.dtype)
-        lam = float(ntk_lambda_max(apply_fn, params, task.x, jax.random.fold_in(key, 3),
-                                   cfg.params.power_iterations))
-        eta = _step(cfg, lam, task.x.shape[0])
-        f0_train, f0_test = apply_fn(params, task.x), apply_fn(params, task.x_test)
+        apply_fn, params = build_ensemble(cfg, unit, task.x.shape[1], task.dtype, spec=spec)
+        lam = np.asarray(jax.vmap(lambda q, k, f=apply_fn: ntk_lambda_max(
+            f, q, task.x, k, cfg.params.power_iterations))(params, pkeys), np.float64)
+        eta = np.asarray([_step(cfg, float(v), n) for v in lam])
+        f0_train = per_member(apply_fn, params, task.x)
+        f0_test = per_member(apply_fn, params, task.x_test)
         y = task.y + f0_train if centred else task.y
-        done = [0]
-
-        def callback(step, losses, done=done):
-            progress(int(step) - done[0])
-            done[0] = int(step)
-
-        res = train(apply_fn, params, task.x, y, optimizer=make_optimizer(cfg, eta),
-                    steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction,
-                    batch_size=cfg.train.batch_size, key=jax.random.fold_in(key, 7),
-                    callback=callback)
-        progress(cfg.train.steps - done[0])
-        f = apply_fn(res.params, task.x_test)
+        # run 0 for every variant: the same mini-batch order for all variants of an init
+        res = train_ensemble(cfg, apply_fn, params, task.x, y, unit, progress,
+                             learning_rate=eta, run=0, targets_per_member=centred)
+        f = per_member(apply_fn, res.params, task.x_test)
         if centred:
             f = f - f0_test
-        outs["test_out"].append(np.asarray(f))
-        outs["test_acc"].append(_accuracy(f, task.labels_test))
+        f = np.asarray(f)
+        outs["test_out"].append(f)
+        outs["test_acc"].append([_accuracy(fk, task.labels_test) for fk in f])
         outs["eta"].append(eta)
-        outs["final_loss"].append(float(np.asarray(res.losses)[-1]))
-    return {k: np.asarray(v) for k, v in outs.items()}
+        outs["final_loss"].append(np.asarray(res.losses)[:, -1])
+    return {k: np.stack([np.asarray(a) for a in v], axis=1) for k, v in outs.items()}
 
 
 # --------------------------------------------------------------------------

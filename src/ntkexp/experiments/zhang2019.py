@@ -39,17 +39,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ntkexp.config import ConfigError
 from ntkexp.experiments.base import Experiment, register_experiment
-from ntkexp.experiments.common import build_network
-from ntkexp.experiments.du2019 import (
+from ntkexp.experiments.common import (
+    build_ensemble,
     check_two_layer,
     gram_two_layer,
     h_infinity,
-    train_recorded,
+    train_ensemble,
 )
 
 NAME = "zhang2019_ngd"
@@ -99,23 +100,26 @@ def _units_work(cfg) -> int:
 
 def compute_unit(cfg, data, unit, progress):
     x, y = data.x_train, data.y_train
-    apply_fn, params = build_network(cfg, unit, x.shape[1], x.dtype)
+    apply_fn, params = build_ensemble(cfg, unit, x.shape[1], x.dtype)
     p = cfg.params
     out = {}
-    res = train_recorded(cfg, apply_fn, params, x, y, unit, progress, optimizer="gd")
+    res = train_ensemble(cfg, apply_fn, params, x, y, unit, progress, optimizer="gd",
+                         batch_size=None, run=0)
     out["loss_gd"] = res.losses
     bs = min(p.sgd_batch_size, x.shape[0])
     lr_sgd = p.sgd_learning_rate if p.sgd_learning_rate is not None else unit.learning_rate
-    res = train_recorded(cfg, apply_fn, params, x, y, unit, progress, optimizer="sgd",
-                         learning_rate=lr_sgd, batch_size=bs)
+    res = train_ensemble(cfg, apply_fn, params, x, y, unit, progress, optimizer="sgd",
+                         learning_rate=lr_sgd, batch_size=bs, run=1)
     out["loss_sgd"] = res.losses
     ngd = []
-    for eta in p.ngd_learning_rates:
-        res = train_recorded(cfg, apply_fn, params, x, y, unit, progress, optimizer="ngd",
-                             learning_rate=float(eta))
+    for e, eta in enumerate(p.ngd_learning_rates):  # one compiled program for every eta
+        res = train_ensemble(cfg, apply_fn, params, x, y, unit, progress, optimizer="ngd",
+                             learning_rate=float(eta), batch_size=None, run=2 + e,
+                             options={"damping": p.ngd_damping})
         ngd.append(np.asarray(res.losses))
-    out["loss_ngd"] = np.stack(ngd)
-    out["lambda_min_init"] = jnp.linalg.eigvalsh(gram_two_layer(params["W"], x))[0]
+    out["loss_ngd"] = np.stack(ngd, axis=1)
+    out["lambda_min_init"] = jax.vmap(
+        lambda W: jnp.linalg.eigvalsh(gram_two_layer(W, x))[0])(params["W"])
     return out
 
 
