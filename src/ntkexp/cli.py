@@ -94,7 +94,8 @@ def _cmd_run(args) -> int:
     if isinstance(limit, dict) and limit.get("method") == "monte_carlo":
         print(f"limit: {limit.get('note', 'Monte Carlo estimate')}")
     print(f"run folder: {res.run_dir}")
-    print(f"figure: {res.main_figure}")
+    if res.main_figure:  # processes other than 0 of a multi-process run draw nothing
+        print(f"figure: {res.main_figure}")
     return 0
 
 

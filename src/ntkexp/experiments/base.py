@@ -160,10 +160,10 @@ def setup_runtime(cfg) -> tuple[Any, Any]:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
     if cfg.device == "auto":
-        return dtype, jax.devices()[0]
+        return dtype, jax.local_devices()[0]  # this process's own (multi-process runs)
     kind = cfg.device
     try:
-        devs = jax.devices(kind)
+        devs = jax.local_devices(backend=kind)
     except RuntimeError:
         devs = []
     if not devs:
@@ -537,10 +537,23 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0
             after_chunk) -> RunResult:
     """The body of :func:`run` once the inputs are checked; appends each unit file
     process 0 writes to ``written``."""
-    from ntkexp.plotting import plot_run
 
     _RUNS[0] += 1
     key = f"ntkexp/run{_RUNS[0]}"
+    try:
+        return _run_body(cfg, exp, data, workdir, dtype, device, force=force, quiet=quiet,
+                         written=written, t0=t0, cluster=cluster, after_chunk=after_chunk,
+                         key=key)
+    except BaseException as e:
+        if cluster.count > 1:  # the other processes stop instead of waiting
+            distributed.send_failure(cluster, key, _first_line(e))
+        raise
+
+
+def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0, cluster,
+              after_chunk, key) -> RunResult:
+    from ntkexp.plotting import plot_run
+
     main = cluster.is_main
     code = provenance.code_fingerprint(tuple(cfg.plugins))
     units = make_units(cfg)
@@ -594,10 +607,6 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0
                         sent[os.path.basename(paths[ident])] = o
                 if after_chunk is not None:
                     after_chunk(c)
-        except BaseException as e:
-            if cluster.count > 1 and not main:
-                distributed.send_failure(cluster, key, _first_line(e))
-            raise
         finally:
             progress.close()
         by_process = {str(p): [f"{_unit_label(cfg, c)} inits {list(c.inits)}"
@@ -605,7 +614,7 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0
                       for p in range(cluster.count)}
         if not main:
             distributed.send(cluster, key, sent)
-            distributed.barrier(cluster, f"{key}/end")
+            distributed.wait_for_main(cluster, key)
             return RunResult(workdir, (), "", {}, sum(len(c.inits) for c in mine), 0)
         if cluster.count > 1:
             by_name = {os.path.basename(p): ident for ident, p in paths.items()}
@@ -651,5 +660,5 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0
         "complete": True,
     }
     io.write_json(os.path.join(workdir, "meta.json"), meta)
-    distributed.barrier(cluster, f"{key}/end")
+    distributed.finish(cluster, key)
     return RunResult(workdir, tuple(figures), main_fig, summary, n_todo, len(paths) - n_todo)

@@ -110,7 +110,7 @@ def broadcast(cluster: Cluster, key: str, obj: Any = None) -> Any:
 
 
 def _pack(outs: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
-    flat = {f"{name}\x00{k}": np.asarray(v) for name, o in outs.items() for k, v in o.items()}
+    flat = {f"{name}|{k}": np.asarray(v) for name, o in outs.items() for k, v in o.items()}
     buf = _io.BytesIO()
     np.savez(buf, __names__=np.asarray(list(outs), dtype=object), **flat)
     return buf.getvalue()
@@ -122,7 +122,7 @@ def _unpack(blob: bytes) -> dict[str, dict[str, np.ndarray]]:
         for k in z.files:
             if k == "__names__":
                 continue
-            name, field = k.split("\x00", 1)
+            name, field = k.split("|", 1)
             out[name][field] = z[k]
     return out
 
@@ -175,7 +175,29 @@ def receive(cluster: Cluster, key: str, poll_s: float = 0.05,
     return got
 
 
-def barrier(cluster: Cluster, name: str, timeout_s: float = 600.0) -> None:
-    """Wait until every process reaches ``name``."""
+def finish(cluster: Cluster, key: str) -> None:
+    """On process 0: tell the others the run folder is written."""
     if cluster.count > 1:
-        cluster.client.wait_at_barrier(name, int(timeout_s * 1000))
+        cluster.client.key_value_set(f"{key}/finished", "1")
+
+
+def wait_for_main(cluster: Cluster, key: str, poll_s: float = 0.05,
+                  timeout_s: float = _WAIT_S) -> None:
+    """On processes other than 0: wait until process 0 has finished (or failed).
+
+    Raises:
+      PeerError: process 0 published a failure.
+    """
+    t0 = time.monotonic()
+    while True:
+        for name, fail in (("finished", False), ("failed/0", True)):
+            try:
+                msg = cluster.client.key_value_try_get(f"{key}/{name}")
+            except Exception:  # noqa: BLE001 - not there yet
+                continue
+            if fail:
+                raise PeerError(f"process 0 failed: {msg}")
+            return
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"process 0 did not finish in {timeout_s} s")
+        time.sleep(poll_s)

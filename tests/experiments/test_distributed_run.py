@@ -1,0 +1,130 @@
+"""Two real processes on 127.0.0.1 (``jax.distributed``, CPU) split a run's units
+and leave the same run folder as one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+FIG2 = os.path.join(ROOT, "configs", "jacot_fig2.yaml")
+SMALL = ["model.width=[8, 16]", "train.steps=6", "train.inits=2", "params.n_gamma=9"]
+TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(out, extra=()):
+    args = ["run", FIG2, "--preset", "tiny", "--out", out, "--quiet"]
+    for o in (*SMALL, *extra):
+        args += ["--set", o]
+    return [sys.executable, "-c", "import sys; from ntkexp.cli import main; "
+            "sys.exit(main(sys.argv[1:]))", *args]
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    return env
+
+
+def _run_all(cmds):
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env(), cwd=ROOT) for c in cmds]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, o in zip(procs, outs, strict=True):
+        assert p.returncode == 0, o[-3000:]
+    return outs
+
+
+def _load(d):
+    with np.load(os.path.join(d, "results.npz")) as z:
+        res = {k: z[k] for k in z.files}
+    with open(os.path.join(d, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = json.load(f)
+    return res, summary, meta
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_units_and_match_one_process(tmp_path):
+    single = str(tmp_path / "single")
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    dist = ["distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+            "distributed.num_processes=2"]
+    _run_all([_cmd(multi, (*dist, f"distributed.process_id={i}")) for i in (0, 1)])
+    _run_all([_cmd(single)])
+    r1, s1, m1 = _load(single)
+    r2, s2, m2 = _load(multi)
+    assert s2 == s1
+    assert r2.keys() == r1.keys()
+    for k in r1:
+        if r1[k].dtype.kind in "fc":
+            np.testing.assert_allclose(r2[k], r1[k], rtol=1e-6, atol=1e-6, err_msg=k)
+        else:
+            np.testing.assert_array_equal(r2[k], r1[k], err_msg=k)
+    assert m1["processes"] == 1 and m2["processes"] == 2
+    per = m2["units_by_process"]
+    assert sorted(per) == ["0", "1"] and [len(per[p]) for p in ("0", "1")] == [1, 1]
+    assert m2["units_computed"] == 4
+    # only process 0 wrote: one folder, every unit file in it
+    assert len(os.listdir(os.path.join(multi, "units"))) == 4
+
+
+_TWIN = """
+import sys, numpy as np, jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from ntkexp.experiments import distributed as D
+c = D.current()
+assert (c.index, c.count) == (int(sys.argv[2]), 2)
+todo = D.broadcast(c, "t/todo", [[0, 1], [2, 3]] if c.is_main else None)
+assert todo == [[0, 1], [2, 3]]
+big = np.arange(300_000, dtype=np.float64) * (c.index + 1)   # > one 1 MiB piece
+if c.is_main:
+    got = D.receive(c, "t")
+    np.testing.assert_array_equal(got[1]["u1.npz"]["x"], 2 * np.arange(300_000.0))
+    assert got[1]["u1.npz"]["k"].tolist() == [1, 2]
+    D.finish(c, "t")
+else:
+    D.send(c, "t", {"u1.npz": {"x": big, "k": np.array([1, 2])}})
+    D.wait_for_main(c, "t")
+print("ok", c.index)
+"""
+
+
+def test_two_processes_exchange_through_the_key_value_store():
+    """Fast twin of the run-folder test: the broadcast / send / receive / finish
+    protocol between two real processes (values over one 1 MiB piece)."""
+    addr = f"127.0.0.1:{_free_port()}"
+    outs = _run_all([[sys.executable, "-c", _TWIN, addr, str(i)] for i in (0, 1)])
+    assert "ok 0" in outs[0] and "ok 1" in outs[1]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_assignment_balances_work(n):
+    from ntkexp.experiments.distributed import assign
+
+    work = [16 * 2, 8 * 2, 4 * 2, 4 * 2]
+    owner = assign(work, n)
+    load = [sum(w for w, o in zip(work, owner, strict=True) if o == p) for p in range(n)]
+    assert max(load) <= max(work) + min(work)
+    assert sorted(set(owner)) == list(range(n))
