@@ -34,9 +34,17 @@ purpose        id   what it draws
 
 A plug-in experiment uses the same function with these purposes or registers
 its own with :func:`register_purpose` (a new, unused id).
+
+Comparing with runs made before these streams (ntkexp 0.1.0 and earlier): with
+the environment variable ``NTKEXP_LEGACY_STREAMS=1`` :func:`key` returns the
+old keys (root key plus offsets, collisions included), so the same config
+gives the old numbers; ``benchmarks/bench_runner.py`` uses it to check that
+the faster runner computes the same summaries. Not for new work.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -70,12 +78,31 @@ def key(seed: int, purpose: str, *indices: int):
     except KeyError:
         raise ValueError(f"unknown random stream purpose {purpose!r}; known: "
                          f"{', '.join(PURPOSES)}") from None
+    if os.environ.get("NTKEXP_LEGACY_STREAMS") == "1" and purpose in _LEGACY:
+        return _LEGACY[purpose](jax.random.key(int(seed)), *indices)
     k = jax.random.fold_in(jax.random.key(int(seed)), ident)
     for i in indices:
         if int(i) < 0:
             raise ValueError(f"random stream indices must be >= 0, got {i}")
         k = jax.random.fold_in(k, int(i))
     return k
+
+
+def _fold(k, *v):
+    for i in v:
+        k = jax.random.fold_in(k, i)
+    return k
+
+
+# the keys of ntkexp 0.1.0 (root key plus magic offsets), for comparisons only
+_LEGACY = {
+    "data": lambda r: _fold(r, 0x0DA7A),
+    "init": lambda r, k: _fold(r, 1000 + k),
+    "minibatch": lambda r, k, run=0: _fold(r, 1000 + k, 7 + run),
+    "monte_carlo": lambda r: _fold(r, 0x4D43),
+    "labels": lambda r, k: _fold(r, 0x1ABE1, k),
+    "power": lambda r, k: _fold(r, 1000 + k, 3),
+}
 
 
 def keys(seed: int, purpose: str, inits, *indices: int):

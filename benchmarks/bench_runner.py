@@ -1,0 +1,181 @@
+"""End-to-end runner speed (issue 13): ``ntkexp run CONFIG --preset P --force --quiet``
+timed for an old and a new ``ntkexp`` executable, interleaved, same machine.
+
+Cases: the Jacot et al. Fig. 2 paper preset and every ``cpu`` preset of a config
+with >= 4 initialisations (``jacot_fig1``, ``jacot_fig2``, ``kernel_convergence``;
+Fig. 2's cpu preset is its paper preset). Target: new >= 2x faster.
+
+Each repeat runs, for each case, the old executable and then the new one with
+``NTKEXP_LEGACY_STREAMS=1`` (the old random keys, see
+``ntkexp.experiments.streams``), each into a fresh temporary folder, and times
+the whole command from outside. The two summaries are compared leaf by leaf:
+``max_rel_diff`` is the largest relative difference of a numeric summary entry
+(float32 rounding only if the runs compute the same numbers). With
+``--streams`` the new executable is also run once with the named streams, and
+the summary's difference from the old is reported (expected: other random
+draws, so sampling-size differences). The new runs share a fresh persistent
+compilation cache (``ntkexp.experiments.base.enable_compile_cache``): repeat 1
+is cold (``new_cold_s``, ``speedup_cold``), later repeats reuse the compiled
+programs as any rerun does (``new_warm_median_s``, ``speedup_warm``).
+
+One command (idle machine; about 15 min with the old code)::
+
+    python -m benchmarks.bench_runner --old /work/main/.venv/bin/ntkexp --repeats 3
+
+(``--new`` defaults to the ``ntkexp`` beside this Python; ``--only jacot_fig2``
+picks cases; results go to ``benchmarks/results/runner.json``). Through
+``python -m benchmarks.run --only runner`` it reads ``NTKEXP_BENCH_OLD`` (old
+executable, default ``/work/main/.venv/bin/ntkexp`` when it exists) and
+``NTKEXP_BENCH_REPEATS`` (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CASES = {
+    "jacot_fig2": ("configs/jacot_fig2.yaml", "paper"),
+    "jacot_fig1": ("configs/jacot_fig1.yaml", "cpu"),
+    "kernel_convergence": ("configs/kernel_convergence.yaml", "cpu"),
+}
+DEFAULT_OLD = "/work/main/.venv/bin/ntkexp"
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flat(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _flat(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+def compare_summaries(a: dict, b: dict) -> dict:
+    """Largest relative differences of numeric leaves (top 5), keys present in only one."""
+    fa, fb = dict(_flat(a)), dict(_flat(b))
+    diffs = []
+    for k in fa.keys() & fb.keys():
+        x, y = fa[k], fb[k]
+        if isinstance(x, bool) or isinstance(y, bool) or not (
+                isinstance(x, (int, float)) and isinstance(y, (int, float))):
+            continue
+        if math.isnan(x) and math.isnan(y):
+            continue
+        diffs.append((abs(x - y) / max(abs(x), abs(y), 1e-12), k, x, y))
+    diffs.sort(reverse=True)
+    return {"max_rel_diff": diffs[0][0] if diffs else 0.0,
+            "largest": [{"key": k, "rel": d, "old": x, "new": y} for d, k, x, y in diffs[:5]],
+            "only_old": sorted(fa.keys() - fb.keys())[:10],
+            "only_new": sorted(fb.keys() - fa.keys())[:10]}
+
+
+def run_once(exe: str, config: str, preset: str, env_extra=None) -> tuple[float, dict]:
+    """Wall seconds of one ``exe run`` into a fresh folder, and its summary."""
+    env = dict(os.environ, **(env_extra or {}))
+    with tempfile.TemporaryDirectory(prefix="bench_runner_") as d:
+        out = os.path.join(d, "run")
+        cmd = [exe, "run", str(ROOT / config), "--preset", preset, "--force", "--quiet",
+               "--out", out]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}"
+                               f"{proc.stderr[-2000:]}")
+        with open(os.path.join(out, "summary.json")) as f:
+            return wall, json.load(f)
+
+
+def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool = False,
+          log=print) -> dict:
+    cases = {k: v for k, v in CASES.items() if not only or k in only}
+    res = {"host": platform.node(), "cores": os.cpu_count(), "old": old, "new": new,
+           "repeats": repeats, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "note": "wall seconds of `ntkexp run CONFIG --preset P --force --quiet`, old and "
+                   "new interleaved; new runs use NTKEXP_LEGACY_STREAMS=1 so their summaries "
+                   "can be compared with the old", "cases": {}}
+    for name, (config, preset) in cases.items():
+        res["cases"][name] = {"config": config, "preset": preset, "old_s": [], "new_s": []}
+    cache = tempfile.mkdtemp(prefix="bench_runner_xla_")  # fresh: repeat 1 compiles cold
+    legacy = {"NTKEXP_LEGACY_STREAMS": "1", "NTKEXP_COMPILE_CACHE": cache}
+    res["compile_cache"] = ("new runs share a fresh persistent compilation cache: repeat 1 "
+                            "is cold (compiles), later repeats reuse it (warm)")
+    for r in range(repeats):
+        for name, (config, preset) in cases.items():
+            c = res["cases"][name]
+            s_old = None
+            if old:
+                t, s_old = run_once(old, config, preset)
+                c["old_s"].append(round(t, 2))
+                log(f"[{r + 1}/{repeats}] {name} --preset {preset}: old {t:.1f} s")
+            t, s_new = run_once(new, config, preset, legacy)
+            c["new_s"].append(round(t, 2))
+            log(f"[{r + 1}/{repeats}] {name} --preset {preset}: new {t:.1f} s")
+            if s_old is not None:
+                c["summary_vs_old"] = compare_summaries(s_old, s_new)
+                if streams and r == 0:
+                    t2, s_named = run_once(new, config, preset,
+                                           {"NTKEXP_COMPILE_CACHE": cache})
+                    c["named_streams_s"] = round(t2, 2)
+                    c["named_streams_vs_old"] = compare_summaries(s_old, s_named)
+    for c in res["cases"].values():
+        if c["old_s"] and c["new_s"]:
+            c["old_median_s"] = statistics.median(c["old_s"])
+            c["new_cold_s"] = c["new_s"][0]
+            c["speedup_cold"] = round(c["old_median_s"] / c["new_cold_s"], 2)
+            if len(c["new_s"]) > 1:
+                c["new_warm_median_s"] = statistics.median(c["new_s"][1:])
+                c["speedup_warm"] = round(c["old_median_s"] / c["new_warm_median_s"], 2)
+    return res
+
+
+def _write(res: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "runner.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    return path
+
+
+def _default_new() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ntkexp")
+
+
+def main(out_dir: str = "benchmarks/results") -> dict:
+    """Entry point of ``benchmarks/run.py`` (old executable from ``NTKEXP_BENCH_OLD``)."""
+    old = os.environ.get("NTKEXP_BENCH_OLD", DEFAULT_OLD if os.path.exists(DEFAULT_OLD)
+                         else "") or None
+    res = bench(old, _default_new(), int(os.environ.get("NTKEXP_BENCH_REPEATS", "1")))
+    print(_write(res, out_dir))
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--old", default=DEFAULT_OLD if os.path.exists(DEFAULT_OLD) else None)
+    ap.add_argument("--new", default=_default_new())
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--only", action="append", choices=sorted(CASES))
+    ap.add_argument("--streams", action="store_true",
+                    help="also run the new code once with the named streams")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args()
+    r = bench(a.old, a.new, a.repeats, a.only, a.streams, log=lambda m: print(m, flush=True))
+    print(_write(r, a.out))
+    for name, c in r["cases"].items():
+        print(name, {k: c.get(k) for k in ("old_median_s", "new_cold_s", "speedup_cold",
+                                           "new_warm_median_s", "speedup_warm")},
+              c.get("summary_vs_old", {}).get("max_rel_diff"))
