@@ -41,7 +41,10 @@ def _arch(cfg):
 def build_network(cfg, member: Member | int, in_dim: int, dtype, spec=None):
     """``(apply_fn, params)`` of one initialisation (a :class:`Member` or its number)."""
     init = member if isinstance(member, int) else member.init
-    spec = cfg.model.spec(member.width) if spec is None else spec
+    if spec is None:
+        if isinstance(member, int):
+            raise TypeError("build_network(cfg, init_number, ...) needs spec=")
+        spec = cfg.model.spec(member.width)
     return _arch(cfg).build(spec, in_dim, streams.init_key(cfg, init), dtype)
 
 
