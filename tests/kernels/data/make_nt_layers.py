@@ -165,7 +165,8 @@ R2 = math.sqrt(2.0)
 W = 8  # channel count (irrelevant to the NTK-parameterization limit)
 CASES = [
     # fully connected
-    ("dense_relu", (5,), [dense(W, 1.5, 0.1), "relu", dense(W, 1.5, 0.1), "relu", dense(1, 1.5, 0.1)]),
+    ("dense_relu", (5,), [dense(W, 1.5, 0.1), "relu", dense(W, 1.5, 0.1), "relu",
+                          dense(1, 1.5, 0.1)]),
     ("dense_erf", (5,), [dense(W, 1.2, 0.3), "erf", dense(W, 1.2, 0.3), "erf", dense(1, 1.2, 0.3)]),
     ("dense_relu_standard", (5,), [dense(16, R2, 0.2, "standard"), "relu",
                                    dense(12, R2, 0.2, "standard"), "relu",
@@ -256,8 +257,8 @@ def main():
                 assert v.dtype == np.float64 and np.all(np.isfinite(v)), (name, kind)
                 case[f"{kind}_{tag}"] = v.tolist()
         out.append(case)
-        print(f"{name}: nngp[0,0]={case['nngp_x1_x1'][0][0]:.6g} ntk[0,0]={case['ntk_x1_x1'][0][0]:.6g}",
-              file=sys.stderr)
+        k0 = (case["nngp_x1_x1"][0][0], case["ntk_x1_x1"][0][0])
+        print(f"{name}: nngp[0,0]={k0[0]:.6g} ntk[0,0]={k0[1]:.6g}", file=sys.stderr)
     import neural_tangents as nt
 
     doc = {
