@@ -164,7 +164,7 @@ jax.tree_util.register_dataclass(
 
 
 def position_diagonal(cov: Array, k: int) -> Array:
-    """``cov[..., i, i]`` over the two copies of ``k`` spatial axes: ``(..., *S, *S) -> (..., *S)``."""
+    """``cov[..., i, i]`` over two copies of ``k`` spatial axes: ``(..., *S, *S) -> (..., *S)``."""
     if k == 0:
         return cov
     lead = cov.shape[: cov.ndim - 2 * k]
@@ -238,10 +238,9 @@ class Layer:
 
     def init(self, key: Array, in_shape: Shape, dtype=None) -> Any:
         """Parameters as a pure pytree (``{}`` when there are none)."""
-        mod = self.module(in_shape, rngs=nnx.Rngs(params=key), dtype=dtype)
-        if mod is None:
-            return {}
-        return nnx.to_pure_dict(nnx.state(mod, nnx.Param))
+        from ntkexp.layers.combinators import module_params
+
+        return module_params(self.module(in_shape, rngs=nnx.Rngs(params=key), dtype=dtype))
 
     def apply(self, params: Any, x: Array) -> Array:
         """Forward pass on a batch ``x (n, *in_shape) -> (n, *out_shape)``."""
@@ -256,12 +255,15 @@ class Layer:
     has_params: ClassVar[bool] = False
     """Whether the layer owns parameters (then it gets a tap for backward vectors)."""
 
-    def structured_ntk(self, params: Any, a1: Array, a2: Array, b1: Array, b2: Array,
+    def structured_ntk(self, a1: Array, a2: Array, b1: Array, b2: Array,
                        *, full: bool) -> Array | None:
         """This layer's parameters' contribution to the empirical NTK, or None.
 
+        Static layer attributes (scales, fan-in from ``a1.shape``) must suffice:
+        the structured path does not pass parameters. Implementing it (any
+        override) marks the layer as structured for ``method="auto"``.
+
         Args:
-          params: the layer's parameters.
           a1, a2: the layer's inputs ``(n1, *in_shape)``, ``(n2, *in_shape)``.
           b1, b2: backward vectors ``df_o/dy`` at the layer's output,
             ``(n1, out_dim, *out_shape)`` and ``(n2, out_dim, *out_shape)``.
@@ -280,6 +282,14 @@ class Layer:
     def children(self) -> Sequence[Layer]:
         """Sub-layers (combinators); leaves return ``()``."""
         return ()
+
+    def apply_tapped(self, params: Any, x: Array, tape) -> Array:
+        """Forward pass recording into ``tape`` (:class:`~ntkexp.layers.combinators.Tape`).
+
+        Leaves need not override it (the default applies and records the
+        layer); combinators recurse into their children.
+        """
+        return tape.leaf(self, params, x, self.apply(params, x))
 
 
 def check_gaussian(layer: str, state: KernelState) -> None:
