@@ -103,6 +103,8 @@ class KernelState:
       channels: static channel count of the finite representation.
       is_gaussian: static; the entries are Gaussian in the limit.
       trainable: static; parameterised layers add their NTK contribution.
+      sym: static; ``x2`` is ``x1`` (then ``nngp[a, a] == cov1[a]`` in exact
+        arithmetic; :meth:`self_consistent_nngp` restores it bit for bit).
     """
 
     nngp: Array
@@ -113,6 +115,22 @@ class KernelState:
     channels: int = 1
     is_gaussian: bool = False
     trainable: bool = True
+    sym: bool = False
+
+    def self_consistent_nngp(self) -> Array:
+        """``nngp`` with its ``a = b`` entries replaced by ``cov1`` when ``sym``.
+
+        Dual maps evaluate the angle from ``sqrt(q1 q2) - c``, which loses half
+        the digits when rounding (FMA contraction, different fusions) makes a
+        self-pair's covariance differ from its variance by one ulp; activations
+        use this so that self-pairs sit exactly at angle 0.
+        """
+        if not self.sym:
+            return self.nngp
+        n = self.nngp.shape[0]
+        k = 2 * len(self.spatial)
+        eye = jnp.eye(n, dtype=bool).reshape((n, n) + (1,) * k)
+        return jnp.where(eye, self.cov1[:, None], self.nngp)
 
     @property
     def is_spatial(self) -> bool:
@@ -159,7 +177,7 @@ class KernelState:
 jax.tree_util.register_dataclass(
     KernelState,
     data_fields=["nngp", "ntk", "cov1", "cov2"],
-    meta_fields=["spatial", "channels", "is_gaussian", "trainable"],
+    meta_fields=["spatial", "channels", "is_gaussian", "trainable", "sym"],
 )
 
 
@@ -200,10 +218,16 @@ def input_state(x1: Array, x2: Array | None = None) -> KernelState:
     sp1, sp2 = "abc"[:k], "def"[:k]
     hp = jax.lax.Precision.HIGHEST
     nngp = jnp.einsum(f"n{sp1}z,m{sp2}z->nm{sp1}{sp2}", x1, x2, precision=hp) / C
-    cov1 = jnp.einsum(f"n{sp1}z,n{sp2}z->n{sp1}{sp2}", x1, x1, precision=hp) / C
-    cov2 = cov1 if x2 is x1 else jnp.einsum(f"n{sp1}z,n{sp2}z->n{sp1}{sp2}", x2, x2,
-                                            precision=hp) / C
-    return KernelState(nngp, jnp.zeros_like(nngp), cov1, cov2, S, int(C), False, True)
+    if x2 is x1:
+        # the diagonal a = b of nngp itself, so that self-pairs see bit-identical
+        # variances and covariances (exact angle 0 in the dual maps downstream)
+        cov1 = jnp.moveaxis(jnp.diagonal(nngp, axis1=0, axis2=1), -1, 0)
+        cov2 = cov1
+    else:
+        cov1 = jnp.einsum(f"n{sp1}z,n{sp2}z->n{sp1}{sp2}", x1, x1, precision=hp) / C
+        cov2 = jnp.einsum(f"n{sp1}z,n{sp2}z->n{sp1}{sp2}", x2, x2, precision=hp) / C
+    return KernelState(nngp, jnp.zeros_like(nngp), cov1, cov2, S, int(C), False, True,
+                       x2 is x1)
 
 
 # --------------------------------------------------------------------------

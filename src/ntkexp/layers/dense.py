@@ -105,7 +105,8 @@ class Dense(Layer):
         w_mult, b_mult = self.scales(W.shape[0])
         y = w_mult * jnp.matmul(x, W)
         if "b" in params:
-            y = y + b_mult * params["b"]
+            b = params["b"]
+            y = y + b_mult * b.reshape((1,) * (y.ndim - 1) + b.shape)
         return y
 
     def kernel(self, state: KernelState) -> KernelState:

@@ -279,7 +279,7 @@ def as_mlp_spec(layer: Layer, in_shape: Shape):
 
 @functools.partial(jax.jit, static_argnames=("layer", "sym"))
 def _composition_kernel(layer: Layer, x1, x2, sym: bool) -> Kernel:
-    state = layer.kernel(input_state(x1, None if sym else x2))
+    state = layer.kernel(input_state(x1, x1 if sym else x2))
     if state.is_spatial:
         raise ValueError(
             "the composition's output is still spatial; end with flatten or global_avg_pool")

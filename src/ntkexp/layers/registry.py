@@ -110,8 +110,9 @@ def parse_layer(entry, path: str = "layers[0]", defaults: Mapping[str, Any] | No
         for k in DEFAULT_KEYS:
             if k in names and k not in kw and k in defaults and defaults[k] is not None:
                 kw[k] = defaults[k]
-        if "layers" in kw:
-            kw["layers"] = parse_layers(kw["layers"], f"{where}.layers", defaults)
+        for lk in ("layers", "branch"):
+            if lk in kw:
+                kw[lk] = parse_layers(kw[lk], f"{where}.{lk}", defaults)
         if "branches" in kw:
             br = kw["branches"]
             if not isinstance(br, list) or not br:
@@ -196,11 +197,12 @@ def _parallel(branches: Sequence[Sequence[Layer]] = (), scales: Sequence[float] 
 
 
 @register_layer("residual")
-def _residual(layers: Sequence[Layer] = (), scale: float = 1.0):
-    """``{residual: {scale: a, layers: [...]}}``: ``x + a * serial(layers)(x)``."""
+def _residual(layers: Sequence[Layer] = (), scale: float = 1.0, branch: Sequence[Layer] = ()):
+    """``{residual: {scale: a, layers: [...]}}``: ``x + a * serial(layers)(x)``
+    (``branch`` is a synonym of ``layers``)."""
     from ntkexp.layers.combinators import residual
 
-    return residual(*layers, scale=scale)
+    return residual(*(tuple(layers) + tuple(branch)), scale=scale)
 
 
 @register_layer("frozen")
