@@ -12,8 +12,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
 
+from conftest import rel_err
 from ntkexp.layers import LAYERS, build_layers, composition_kernel
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "kernels", "data", "nt_layers.json")

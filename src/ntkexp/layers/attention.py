@@ -8,7 +8,8 @@ under which the logits stay non-degenerate in the limit)::
 
     logits_h = QK_std / (C d_k) (x W_h) (x W_h)^T          (N, N), QK_std = W_query_std W_key_std
     G_h      = mechanism(logits_h)                            softmax over the key position
-    y        = OV_std / sqrt(H d_v C) concat_h(G_h x W^V_h) W^O + b_std b,   OV_std = W_out_std W_value_std
+    y        = OV_std / sqrt(H d_v C) concat_h(G_h x W^V_h) W^O + b_std b
+    (OV_std = W_out_std W_value_std)
 
 Infinite-width map (heads, d_k, d_v and C to infinity; Hron et al. 2020,
 Theorem 3 and appendix; neural-tangents' ``GlobalSelfAttention`` with
