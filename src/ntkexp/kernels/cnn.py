@@ -177,7 +177,7 @@ def self_variances(x: Array, depth: int, q: int, W_std: float, b_std: float,
     return jnp.stack(out)
 
 
-def _block(xa, xb, qa, qb, *, depth, q, W_std, b_std, act, full):
+def _block(xa, xb, qa, qb, *, depth, q, W_std, b_std, act, full, vec):
     """One block of pairs: ``xa, xb (B, *S, C)``, ``qa, qb (depth, B, *S)`` -> ``(B,)`` x 2."""
     k = xa.ndim - 2
     w2, b2 = W_std**2, b_std**2
@@ -208,6 +208,14 @@ def _block(xa, xb, qa, qb, *, depth, q, W_std, b_std, act, full):
         theta = sigma if KT is None else sigma + w2 * patch_mean(KT, q, k, groups)
         T, Td = duals(b1(ra[h]), b2_(rb[h]), b1(qa[h]), b2_(qb[h]), sigma)
         K, KT = T, Td * theta
+    if full and vec:  # CNTK-V from the full recursion (a cross-check): the diagonal i = j
+        N = math.prod(xa.shape[1:-1])
+
+        def diag(v):
+            return jnp.diagonal(v.reshape(v.shape[0], N, N), axis1=1, axis2=2)
+
+        K = diag(K)
+        KT = None if KT is None else diag(KT)
     axes = tuple(range(1, K.ndim))
     nngp = w2 * jnp.mean(K, axis=axes) + b2
     if KT is None:  # depth 0: a linear readout of x
@@ -216,8 +224,8 @@ def _block(xa, xb, qa, qb, *, depth, q, W_std, b_std, act, full):
 
 
 @functools.partial(jax.jit, static_argnames=("depth", "q", "W_std", "b_std", "act", "full",
-                                             "sym", "block"))
-def _kernel(x1, x2, *, depth, q, W_std, b_std, act, full, sym, block):
+                                             "vec", "sym", "block"))
+def _kernel(x1, x2, *, depth, q, W_std, b_std, act, full, vec, sym, block):
     n1, n2 = x1.shape[0], x2.shape[0]
     q1s = self_variances(x1, depth, q, W_std, b_std, act)
     q2s = q1s if sym else self_variances(x2, depth, q, W_std, b_std, act)
@@ -232,7 +240,7 @@ def _kernel(x1, x2, *, depth, q, W_std, b_std, act, full, sym, block):
     ja = np.concatenate([ia, np.zeros(pad, ia.dtype)]).reshape(nb, B)
     jb = np.concatenate([ib, np.zeros(pad, ib.dtype)]).reshape(nb, B)
     fn = functools.partial(_block, depth=depth, q=q, W_std=W_std, b_std=b_std, act=act,
-                           full=full)
+                           full=full, vec=vec)
 
     def one(idx):
         a, b = idx
@@ -304,7 +312,8 @@ def conv_stack_kernel(x1: Array, x2: Array | None = None, *, depth: int, filter_
     per_pair = N * N if full else N
     block = max(1, int(block_entries) // per_pair)
     return _kernel(x1, x2, depth=int(depth), q=int(filter_size), W_std=float(W_std),
-                   b_std=float(b_std), act=key, full=full, sym=sym, block=block)
+                   b_std=float(b_std), act=key, full=full, vec=readout == "vec", sym=sym,
+                   block=block)
 
 
 def cnn_kernel(spec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kernel:

@@ -218,7 +218,7 @@ class Conv(Layer):
             dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"), precision=_HP)
         y = w_mult * y
         if "b" in params:
-            y = y + b_mult * params["b"]
+            y = y + b_mult * params["b"].reshape((1,) * (y.ndim - 1) + (-1,))
         return y
 
     # ---- infinite width -----------------------------------------------------
