@@ -1,6 +1,6 @@
 """Analytic limits of compositions vs Monte Carlo estimates of wide nets (stated sampling error).
 
-Each case draws 8 width-256 nets; the mean empirical NNGP and NTK must lie within
+Each case draws 8 width-256 nets (attention: width 1024); the mean empirical NNGP and NTK must lie within
 5 standard errors plus an O(1/width) finite-width allowance of the analytic
 kernel (``mc.assert_within_sampling_error``). Independent truth: the finite
 Flax forward pass and autodiff Jacobians, never the kernel maps.
@@ -48,9 +48,12 @@ CASES = {
 def test_analytic_matches_monte_carlo(name):
     shape, layer = CASES[name]
     x = jnp_inputs(3, shape, seed=1)
-    width = 256
+    # attention: the logits are estimated from the width-many features, a bias
+    # of a few percent at width 256 (measured 8% on one entry), 1% at 1024
+    width = 1024 if name == "attention" else 256
     k = composition_kernel(layer, x)
-    nngp, ntk = mc_kernels(layer, x, width=width, n_samples=8)
+    nngp, ntk = mc_kernels(layer, x, width=width, n_samples=8,
+                           method="jvp" if name == "attention" else "jacobian")
     assert_within_sampling_error(nngp, k.nngp, width=width)
     if name == "standard":
         # standard parameterization: the NTK of the width-256 net, not a width-free limit
