@@ -1,6 +1,7 @@
 """Analytic limits of compositions vs Monte Carlo estimates of wide nets (stated sampling error).
 
-Each case draws 8 width-256 nets (attention: width 1024); the mean empirical NNGP and NTK must lie within
+Each case draws 8 width-256 nets (attention: width 1024); the mean empirical
+NNGP and NTK must lie within
 5 standard errors plus an O(1/width) finite-width allowance of the analytic
 kernel (``mc.assert_within_sampling_error``). Independent truth: the finite
 Flax forward pass and autodiff Jacobians, never the kernel maps.
