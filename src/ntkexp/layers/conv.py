@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ntkexp.layers.base import KernelState, Layer, Shape
+from ntkexp.layers.registry import register_layer
 
 Array = jax.Array
 PADDINGS = ("SAME", "VALID", "CIRCULAR")
@@ -302,11 +303,17 @@ class ConvModule(nnx.Module):
         return self.layer.apply(nnx.to_pure_dict(nnx.state(self, nnx.Param)), x)
 
 
+@register_layer("conv")
 def conv_layer(width: int | None = None, filter=3, strides=1, padding: str = "SAME",
-               W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk") -> Conv:
-    """YAML factory: ``{conv: {width: 64, filter: 3, strides: 1, padding: SAME, W_std, b_std}}``."""
+               W_std: float = 1.0, b_std: float = 0.0, parameterization: str = "ntk",
+               out: int | None = None) -> Conv:
+    """YAML factory: ``{conv: {width: 64, filter: 3, strides: 1, padding: SAME, W_std, b_std}}``.
+
+    ``out`` is a synonym of ``width`` (a convolution is never the readout).
+    """
+    width = out if out is not None else width
     if width is None:
-        raise ValueError("conv needs a width")
+        raise ValueError("conv needs a 'width' (or a model width)")
     return Conv(width, filter, strides, padding, W_std, b_std, parameterization)
 
 

@@ -38,6 +38,7 @@ from ntkexp.layers.conv import (
     pad_spatial,
     window_pads,
 )
+from ntkexp.layers.registry import register_layer
 
 Array = jax.Array
 
@@ -143,11 +144,13 @@ class GlobalAvgPool(Layer):
                              spatial=())
 
 
+@register_layer("avg_pool")
 def avg_pool_layer(window=2, strides=1, padding: str = "VALID") -> AvgPool:
     """YAML factory: ``{avg_pool: {window: 2, strides: 2, padding: VALID}}``."""
     return AvgPool(window, strides, padding)
 
 
+@register_layer("global_avg_pool")
 def global_avg_pool_layer() -> GlobalAvgPool:
     """YAML factory: ``global_avg_pool``."""
     return GlobalAvgPool()
