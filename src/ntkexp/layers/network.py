@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ntkexp.kernels.base import Kernel
 from ntkexp.layers.activation import Activation
@@ -44,26 +45,41 @@ class Network:
     Attributes:
       layer: the composition.
       in_shape: input shape without the batch axis (``(d,)``, ``(P, C)``, ``(H, W, C)``).
+      reshape: optional per-example shape the inputs are reshaped to before the
+        first layer (e.g. ``(P, C)`` for flat ``(n, P C)`` data of 1-D signals,
+        channels last); None keeps ``in_shape``.
     """
 
     layer: Layer
     in_shape: Shape
+    reshape: Shape | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "in_shape", tuple(int(s) for s in self.in_shape))
-        out = self.layer.out_shape(self.in_shape)
+        if self.reshape is not None:
+            rs = tuple(int(s) for s in self.reshape)
+            if int(np.prod(rs)) != int(np.prod(self.in_shape)):
+                raise ValueError(f"input_shape {rs} does not hold inputs of shape "
+                                 f"{self.in_shape} ({int(np.prod(self.in_shape))} values)")
+            object.__setattr__(self, "reshape", rs)
+        out = self.layer.out_shape(self.layer_in_shape)
         if len(out) != 1:
             raise ValueError(
                 f"the network's output must be flat (n, out_dim), got per-example shape {out}; "
                 "end with flatten or global_avg_pool and a dense readout")
 
     @property
+    def layer_in_shape(self) -> Shape:
+        """The first layer's per-example input shape."""
+        return self.in_shape if self.reshape is None else self.reshape
+
+    @property
     def out_dim(self) -> int:
-        return self.layer.out_shape(self.in_shape)[0]
+        return self.layer.out_shape(self.layer_in_shape)[0]
 
     def init(self, key, dtype=None):
         """Parameters (pure pytree) drawn from ``key``."""
-        return self.layer.init(key, self.in_shape, dtype)
+        return self.layer.init(key, self.layer_in_shape, dtype)
 
     def _inputs(self, params, x):
         x = jnp.asarray(x)
@@ -74,6 +90,8 @@ class Network:
         leaves = jax.tree_util.tree_leaves(params)
         if leaves:
             x = x.astype(leaves[0].dtype)
+        if self.reshape is not None:
+            x = x.reshape(x.shape[0], *self.reshape)
         return x
 
     def __call__(self, params, x: Array) -> Array:
@@ -326,13 +344,17 @@ def composition_kernel(layer: Layer, x1, x2=None) -> Kernel:
       ValueError: inputs the composition cannot take, an output that is not
         flat, an activation on a non-Gaussian state.
     """
+    reshape = None
     if isinstance(layer, Network):
-        layer = layer.layer
+        layer, reshape = layer.layer, layer.reshape
     if not isinstance(layer, Layer):
         raise TypeError(f"expected a Layer, got {type(layer).__name__}")
     sym = x2 is None
     x1 = _as_inputs(x1, "x1")
     x2 = x1 if sym else _as_inputs(x2, "x2")
+    if reshape is not None:
+        x1 = x1.reshape(x1.shape[0], *reshape)
+        x2 = x1 if sym else x2.reshape(x2.shape[0], *reshape)
     if x2.shape[1:] != x1.shape[1:]:
         raise ValueError(f"x1 and x2 must have the same per-example shape, got "
                          f"{tuple(x1.shape[1:])} and {tuple(x2.shape[1:])}")
@@ -351,9 +373,10 @@ def composition_kernel(layer: Layer, x1, x2=None) -> Kernel:
     return _composition_kernel(layer, x1, x1 if sym else x2, sym)
 
 
-def init_network(layer: Layer, in_shape: Shape, key, dtype=None) -> tuple[Network, Any]:
+def init_network(layer: Layer, in_shape: Shape, key, dtype=None, *,
+                 reshape: Shape | None = None) -> tuple[Network, Any]:
     """``(apply_fn, params)`` of a composition for inputs of shape ``in_shape``."""
-    net = Network(layer, tuple(in_shape))
+    net = Network(layer, tuple(in_shape), reshape)
     return net, net.init(key, dtype)
 
 

@@ -49,6 +49,9 @@ class LayersSpec:
       layers: the YAML list (see :mod:`ntkexp.layers.registry`).
       width: hidden width of the entries that set none (the runner sweeps it).
       W_std, b_std, parameterization: defaults of dense/conv entries.
+      input_shape: per-example shape the (flat) data are reshaped to before the
+        first layer, channels last: ``[P, C]`` for 1-D signals, ``[H, W, C]``
+        for images; None keeps the data's shape.
     """
 
     layers: Any = ()
@@ -56,13 +59,22 @@ class LayersSpec:
     W_std: float = 1.0
     b_std: float = 0.0
     parameterization: str = "ntk"
+    input_shape: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _freeze(self.layers))
+        if self.input_shape is not None:
+            shp = tuple(self.input_shape)
+            if not shp or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                              for s in shp):
+                raise ValueError(f"input_shape must be a list of positive integers, got "
+                                 f"{self.input_shape!r}")
+            object.__setattr__(self, "input_shape", shp)
         _ = self.layer  # validates every entry
 
     def _fields(self):
-        return (_key(self.layers), self.width, self.W_std, self.b_std, self.parameterization)
+        return (_key(self.layers), self.width, self.W_std, self.b_std, self.parameterization,
+                self.input_shape)
 
     def __eq__(self, other):
         return isinstance(other, LayersSpec) and self._fields() == other._fields()
@@ -84,14 +96,21 @@ class LayersSpec:
         return dataclasses.replace(self, **changes)
 
 
+def network(spec: LayersSpec, in_shape) -> Network:
+    """The :class:`~ntkexp.layers.Network` of ``spec`` for data of per-example shape ``in_shape``."""
+    in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (int(in_shape),)
+    return Network(spec.layer, in_shape, spec.input_shape)
+
+
 def _build(spec: LayersSpec, in_dim, key, dtype=None):
-    in_shape = tuple(in_dim) if isinstance(in_dim, (tuple, list)) else (int(in_dim),)
-    net = Network(spec.layer, in_shape)
+    net = network(spec, in_dim)
     return net, net.init(key, dtype)
 
 
 def _analytic(spec: LayersSpec, x1, x2=None):
-    return composition_kernel(spec.layer, x1, x2)
+    import jax.numpy as jnp
+
+    return composition_kernel(network(spec, jnp.shape(x1)[1:]), x1, x2)
 
 
 register_architecture("layers", make_spec=LayersSpec, analytic=_analytic)(_build)
