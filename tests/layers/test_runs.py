@@ -19,7 +19,8 @@ from conftest import rel_err
 from ntkexp.layers import build_layers, init_network, with_width
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-LAYERS = [{"dense": {}}, "tanh", {"dense": {}}, {"residual": {"scale": 0.5, "layers": ["relu", {"dense": {}}]}},
+LAYERS = [{"dense": {}}, "tanh", {"dense": {}},
+          {"residual": {"scale": 0.5, "layers": ["relu", {"dense": {}}]}},
           "softplus", {"dense": {"out": 1}}]
 
 

@@ -97,7 +97,7 @@ class LayersSpec:
 
 
 def network(spec: LayersSpec, in_shape) -> Network:
-    """The :class:`~ntkexp.layers.Network` of ``spec`` for data of per-example shape ``in_shape``."""
+    """The :class:`~ntkexp.layers.Network` of ``spec`` for data of per-example ``in_shape``."""
     in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (int(in_shape),)
     return Network(spec.layer, in_shape, spec.input_shape)
 
