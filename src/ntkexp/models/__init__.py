@@ -27,9 +27,10 @@ def _build_mlp(spec: MLPSpec, in_dim: int, key, dtype=None):
 
 
 def _mlp_analytic(spec: MLPSpec, x1, x2=None):
-    from ntkexp.kernels import analytic_kernel
+    # the composition's limit; a dense stack is routed to the exact MLP recursion
+    from ntkexp.layers.network import composition_kernel
 
-    return analytic_kernel(spec, x1, x2)
+    return composition_kernel(spec.layers(), x1, x2)
 
 
 register_architecture("mlp", make_spec=MLPSpec, analytic=_mlp_analytic)(_build_mlp)

@@ -19,8 +19,6 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-from ntkexp.layers.network import Network, composition_kernel
-from ntkexp.layers.registry import build_layers
 from ntkexp.models.registry import register_architecture
 
 
@@ -85,6 +83,8 @@ class LayersSpec:
     @property
     def layer(self):
         """The composition ``serial(*layers)``."""
+        from ntkexp.layers.registry import build_layers
+
         return build_layers(self.layers, width=self.width, W_std=self.W_std, b_std=self.b_std,
                             parameterization=self.parameterization)
 
@@ -96,8 +96,10 @@ class LayersSpec:
         return dataclasses.replace(self, **changes)
 
 
-def network(spec: LayersSpec, in_shape) -> Network:
+def network(spec: LayersSpec, in_shape):
     """The :class:`~ntkexp.layers.Network` of ``spec`` for data of per-example ``in_shape``."""
+    from ntkexp.layers.network import Network
+
     in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (int(in_shape),)
     return Network(spec.layer, in_shape, spec.input_shape)
 
@@ -109,6 +111,8 @@ def _build(spec: LayersSpec, in_dim, key, dtype=None):
 
 def _analytic(spec: LayersSpec, x1, x2=None):
     import jax.numpy as jnp
+
+    from ntkexp.layers.network import composition_kernel
 
     return composition_kernel(network(spec, jnp.shape(x1)[1:]), x1, x2)
 

@@ -1,8 +1,12 @@
 """Fully connected networks in NTK and standard parameterization (Flax NNX).
 
 Architecture (``MLPSpec``): ``depth`` hidden layers, each Dense(width) followed by
-the activation, then Dense(out_dim). Jacot et al. (2018) count layers including
-the output, so their "L = 4" is ``depth=3``.
+the activation, then Dense(out_dim): the layer composition :func:`mlp_layers`
+(:mod:`ntkexp.layers`). :class:`MLPApply` is that composition's dense-stack
+fast path (hand-written vjp, structured NTK, the exact-angle recursion of
+:mod:`ntkexp.kernels.analytic`), with the same parameter draw and layout.
+Jacot et al. (2018) count layers including the output, so their "L = 4" is
+``depth=3``.
 
 Parameterizations (Jacot et al. 2018, eq. 1; Lee et al. 2020, section 2), with
 ``a`` the layer input of width ``n_in``:
@@ -79,6 +83,10 @@ class MLPSpec(SpecActivationMixin):
                 f"known: {', '.join(PARAMETERIZATIONS)}"
             )
         _ = self.act  # validates the activation name and its parameters
+
+    def layers(self):
+        """This MLP as a layer composition ``serial(dense, act, ..., dense(out))``."""
+        return mlp_layers(self)
 
     def layer_dims(self, in_dim: int) -> list[tuple[int, int]]:
         """``[(n_in, n_out)]`` for the ``depth + 1`` dense layers."""
