@@ -370,6 +370,16 @@ def composition_kernel(layer: Layer, x1, x2=None) -> Kernel:
 
         spec, act = fast
         return analytic_kernel(spec, x1, None if sym else x2, degree=act.degree, nodes=act.nodes)
+    import importlib.util
+
+    if importlib.util.find_spec("ntkexp.layers.conv") is not None:
+        from ntkexp.layers import conv
+
+        fast_conv = getattr(conv, "fast_kernel", None)
+        if fast_conv is not None:  # a plain conv stack: the fused, blocked map of kernels/cnn.py
+            k = fast_conv(layer, x1, None if sym else x2)
+            if k is not None:
+                return k
     return _composition_kernel(layer, x1, x1 if sym else x2, sym)
 
 
