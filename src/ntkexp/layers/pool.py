@@ -16,13 +16,14 @@ of a covariance entry are averaged *independently*::
     AvgPool:        K'_{ij} = (1/P^2) sum_{delta, delta'} K_{s i + delta, s j + delta'}
     GlobalAvgPool:  K'      = mean_{i, j} K_{ij}
 
-computed as a window sum over each copy of the spatial axes in turn
-(``lax.reduce_window``). Pooling keeps the state Gaussian iff it was.
+computed as a window sum (shifted strided slices) over each copy of the spatial
+axes in turn. Pooling keeps the state Gaussian iff it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import ClassVar
 
@@ -49,13 +50,14 @@ def window_mean(a: Array, first_axis: int, window: tuple, strides: tuple, paddin
     S = a.shape[first_axis:first_axis + k]
     pads = window_pads(S, window, strides, padding)
     ap = pad_spatial(a, pads, padding, first_axis)
-    dims = [1] * a.ndim
-    st = [1] * a.ndim
-    for i in range(k):
-        dims[first_axis + i] = window[i]
-        st[first_axis + i] = strides[i]
-    out = jax.lax.reduce_window(ap, jnp.zeros((), a.dtype), jax.lax.add, tuple(dims), tuple(st),
-                                "VALID")
+    out_s = out_spatial(S, window, strides, padding)
+    lead = (slice(None),) * first_axis
+    out = None
+    for delta in itertools.product(*[range(q) for q in window]):
+        idx = tuple(slice(d, d + st * (o - 1) + 1, st)
+                    for d, st, o in zip(delta, strides, out_s, strict=True))
+        term = ap[lead + idx]
+        out = term if out is None else out + term
     return out / math.prod(window)
 
 

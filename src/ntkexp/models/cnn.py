@@ -281,9 +281,60 @@ class CNNApply:
 
     Hashable (safe as a static jit argument). ``x`` is ``(n, *image_shape, C)``
     or flat ``(n, N * C)`` (channels last).
+
+    The network is the composition :meth:`CNNSpec.layers`; this record keeps the
+    CNN's parameter layout (``convs`` / ``readout``) and maps it onto the
+    composition's (:meth:`to_layer_params`) for the model protocol: the
+    structured empirical NTK (conv layers from their inputs' patches and
+    backward vectors, :meth:`ntkexp.layers.conv.Conv.structured_ntk`) and the
+    diagnostics are the composition's.
     """
 
     spec: CNNSpec
+
+    def to_layer_params(self, params):
+        """``{"convs", "readout"}`` -> the composition's ``{i: ...}`` layout (no copy)."""
+        out = {}
+        for h in range(self.spec.depth):
+            out[2 * h] = params["convs"][h]
+            out[2 * h + 1] = {}
+        out[2 * self.spec.depth] = {}
+        out[2 * self.spec.depth + 1] = params["readout"]
+        return out
+
+    def _net(self, params, x):
+        from ntkexp.layers.network import Network
+
+        convs = params["convs"]
+        c_in = convs[0]["W"].shape[-2] if self.spec.depth else None
+        a = as_images(self.spec, x, c_in).astype(params["readout"]["W"].dtype)
+        spec = self.spec.resolve(a.shape[1:])
+        return Network(spec.layers(), tuple(a.shape[1:])), self.to_layer_params(params), a
+
+    @property
+    def structured_available(self) -> bool:
+        return True
+
+    def structure_features(self, params, x: Array):
+        net, p, a = self._net(params, x)
+        return net.structure_features(p, a)
+
+    def structure_pair(self, f1, f2, *, full: bool):
+        (in1, bk1), (in2, bk2) = f1, f2
+        layers = [la for la in self.spec.layers().layers if la.has_params]
+        K = None
+        for la, a1, a2, b1, b2 in zip(layers, in1, in2, bk1, bk2, strict=True):
+            term = la.structured_ntk(a1, a2, b1, b2, full=full)
+            K = term if K is None else K + term
+        return K
+
+    def preactivations(self, params, x: Array):
+        net, p, a = self._net(params, x)
+        return net.preactivations(p, a)
+
+    def readout_features(self, params, x: Array):
+        net, p, a = self._net(params, x)
+        return net.readout_features(p, a)
 
     def __call__(self, params, x: Array) -> Array:
         spec = self.spec
