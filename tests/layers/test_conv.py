@@ -92,13 +92,13 @@ def test_pool_forward_matches_numpy(shape, window, strides, padding, dtype, tol)
     assert rel_err(g, np.asarray(x, np.float64).reshape(2, -1, shape[-1]).mean(1)) < tol["exact"]
 
 
-def _cnn(padding="SAME", strides=1, pool=None, readout="gap", b_std=0.2):
+def _cnn(padding="SAME", strides=1, pool=None, readout="gap", b_std=0.2, out=2):
     body = [Conv(8, 3, strides, padding, W_std=1.4, b_std=b_std), Activation("relu")]
     if pool is not None:
         body.append(pool)
     body += [Conv(8, 2, 1, padding, W_std=1.4, b_std=b_std), Activation("erf")]
     return serial(*body, GlobalAvgPool() if readout == "gap" else Flatten(),
-                  Dense(2, 1.4, b_std, readout=True))
+                  Dense(out, 1.4, b_std, readout=True))
 
 
 STRUCT = {"1d_same_gap": ((6, 2), _cnn()),
@@ -128,9 +128,10 @@ def test_structured_ntk_equals_jvp(name, dtype, tol):
 
 MC = {
     # strided circular convs, average pooling, flatten readout (generic per-layer maps)
-    "circular_stride_pool_vec": ((8, 2), _cnn("CIRCULAR", 2, AvgPool(2, 1, "SAME"), "vec")),
+    "circular_stride_pool_vec": ((8, 2), _cnn("CIRCULAR", 2, AvgPool(2, 1, "SAME"), "vec",
+                                              out=1)),
     # 2-D VALID convs, GAP readout
-    "2d_valid_gap": ((4, 4, 2), _cnn("VALID")),
+    "2d_valid_gap": ((4, 4, 2), _cnn("VALID", out=1)),
     # the fused stride-1 SAME stack (kernels/cnn.py)
     "fused_gap": ((6, 2), serial(Conv(8, 3, W_std=1.4, b_std=0.2), Activation("relu"),
                                  Conv(8, 3, W_std=1.4, b_std=0.2), Activation("relu"),
