@@ -122,26 +122,16 @@ def init_two_layer(spec: TwoLayerSpec, in_dim: int, key: Array, dtype=None):
 def two_layer_kernel(spec: TwoLayerSpec, x1, x2=None) -> Kernel:
     """Infinite-width ``Kernel(nngp, ntk)`` of the two-layer net (first layer trained).
 
-    ``ntk = x.x' (pi - theta) / (2 pi)`` (Du et al. 2019, H^inf: the one copy is
-    :func:`ntkexp.kernels.special.du_gram`) and
+    ``ntk = x.x' (pi - theta) / (2 pi)`` (Du et al. 2019, H^inf; the one copy is
+    :func:`ntkexp.kernels.special.two_layer_relu_kernel`) and
     ``nngp = E[f(x) f(x')] = kappa^2 |x||x'| (sin theta + (pi - theta) cos theta) / (2 pi)``
     (Cho & Saul 2009, arc-cosine kernel of degree 1), ``theta`` the angle
     between ``x`` and ``x'``. Zero-norm inputs give zero rows (no NaN). Equal
     to the limit of the composition :meth:`TwoLayerSpec.layers`.
     """
-    # The depth-1, bias-free ReLU recursion on inputs scaled by sqrt(d) has
-    # nngp = E[relu(w.x) relu(w.x')] and ntk - nngp = H^inf (du_gram), with exact
-    # angles near cos = +-1 and an exactly symmetric result for x2=None.
-    from ntkexp.kernels.analytic import analytic_kernel
-    from ntkexp.models.mlp import MLPSpec
+    from ntkexp.kernels.special import two_layer_relu_kernel
 
-    x1 = jnp.asarray(x1)
-    if x1.ndim != 2:
-        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
-    scale = math.sqrt(x1.shape[1])
-    k = analytic_kernel(MLPSpec(depth=1, width=1, activation="relu"), x1 * scale,
-                        None if x2 is None else jnp.asarray(x2) * scale)
-    return Kernel(spec.kappa**2 * k.nngp, k.ntk - k.nngp)
+    return two_layer_relu_kernel(x1, x2, kappa=spec.kappa)
 
 
 def empirical_gram(W, x):
