@@ -80,7 +80,7 @@ class Activation(Layer):
         c = state.self_consistent_nngp()
         nngp, td = T.pair(q1, c, q2, state), Tdot.pair(q1, c, q2, state)
         cov1 = T.self_(state.cov1, state, 1)
-        cov2 = cov1 if state.cov2 is state.cov1 else T.self_(state.cov2, state, 2)
+        cov2 = cov1 if state.sym else T.self_(state.cov2, state, 2)
         return state.replace(nngp=nngp, ntk=td * state.ntk, cov1=cov1, cov2=cov2,
                              is_gaussian=False)
 

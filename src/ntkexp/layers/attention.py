@@ -133,7 +133,7 @@ class GlobalSelfAttention(Layer):
         c1 = state.cov1.reshape(n1, N, N)
         c2 = state.cov2.reshape(n2, N, N)
         G1 = self._mech(qk * c1)
-        G2 = G1 if state.cov2 is state.cov1 else self._mech(qk * c2)
+        G2 = G1 if state.sym else self._mech(qk * c2)
         hp = jax.lax.Precision.HIGHEST
 
         def mix(Ga, K, Gb):
@@ -148,7 +148,7 @@ class GlobalSelfAttention(Layer):
         if state.trainable:
             ntk = ntk + b2 + 2 * (nngp - b2)
         cov1 = ov2 * mix_self(G1, c1) + b2
-        cov2 = cov1 if state.cov2 is state.cov1 else ov2 * mix_self(G2, c2) + b2
+        cov2 = cov1 if state.sym else ov2 * mix_self(G2, c2) + b2
         return state.replace(nngp=nngp.reshape(shape), ntk=ntk.reshape(shape),
                              cov1=cov1.reshape(state.cov1.shape),
                              cov2=cov2.reshape(state.cov2.shape),
