@@ -28,7 +28,7 @@ independent). ``own`` is left out inside ``frozen``. ``cov1``/``cov2`` map like
 
 Structured NTK: ``df/dW_{delta, c, o} = w_mult sum_i b_{i, o} a_{s i + delta, c}``
 with ``b = df/dy`` (a per-example weight gradient built from the input's
-patches, ``lax.conv_general_dilated_patches``), and ``df/db_o = b_mult sum_i
+patches, :func:`extract_patches`), and ``df/db_o = b_mult sum_i
 b_{i, o}``; the contribution is the inner product of those over examples.
 
 A whole stack ``[conv, act] * depth + [global_avg_pool | flatten, dense]`` of
@@ -119,6 +119,26 @@ def diagonal_window_mean(a: Array, k: int, window: tuple, strides: tuple, paddin
         term = ap[(slice(None),) * lead + idx * 2]
         acc = term if acc is None else acc + term
     return acc / math.prod(window)
+
+
+def extract_patches(a: Array, window: tuple, strides: tuple, padding: str) -> Array:
+    """Windows of ``a (n, *S, C)`` as ``(n, *S_out, P, C)`` (taps in row-major order).
+
+    Shifted strided slices of the padded input (pure data movement;
+    ``lax.conv_general_dilated_patches`` runs an identity convolution instead,
+    ``P C`` times the work of the layer).
+    """
+    k = len(window)
+    S = a.shape[1:1 + k]
+    pads = window_pads(S, window, strides, padding)
+    out_s = out_spatial(S, window, strides, padding)
+    ap = pad_spatial(a, pads, padding, 1)
+    taps = []
+    for delta in itertools.product(*[range(q) for q in window]):
+        idx = tuple(slice(d, d + st * (o - 1) + 1, st)
+                    for d, st, o in zip(delta, strides, out_s, strict=True))
+        taps.append(ap[(slice(None),) + idx])
+    return jnp.stack(taps, axis=-2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,12 +279,9 @@ class Conv(Layer):
         k = a.ndim - 2
         q, st = _tuple(self.filter, k, "filter"), _tuple(self.strides, k, "strides")
         w_mult, b_mult = self.scales(math.prod(q) * a.shape[-1])
-        ap, pads = self._padded(a, q, st)
-        sp = "HW"[:k]
-        patches = jax.lax.conv_general_dilated_patches(
-            ap, q, st, pads, dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"), precision=_HP)
+        patches = extract_patches(a, q, st, self.padding)  # (n, *S_out, P, C)
         n = a.shape[0]
-        pt = patches.reshape(n, -1, patches.shape[-1])  # (n, N_out, F)
+        pt = patches.reshape(n, -1, patches.shape[-2] * patches.shape[-1])  # (n, N_out, F)
         bt = b.reshape(n, b.shape[1], -1, b.shape[-1])  # (n, o, N_out, width)
         dW = w_mult * jnp.einsum("xif,xoiw->xofw", pt, bt, precision=_HP)
         db = (b_mult if self.has_bias else 0.0) * jnp.sum(bt, axis=2)
