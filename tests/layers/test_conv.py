@@ -170,7 +170,7 @@ def test_bad_inputs():
         Conv(4, 0)
     with pytest.raises(ValueError, match="width"):
         Conv(0)
-    with pytest.raises(ValueError, match="spatial"):
+    with pytest.raises(ValueError, match=r"conv needs inputs \(L, C\)"):
         Conv(4, 3).out_shape((5,))
     with pytest.raises(ValueError, match="does not fit"):
         Conv(4, 5, 1, "VALID").out_shape((3, 2))
