@@ -232,6 +232,8 @@ class Conv(Layer):
         k = x.ndim - 2
         q, st = tuple(W.shape[:k]), _tuple(self.strides, k, "strides")
         w_mult, b_mult = self.scales(math.prod(q) * W.shape[-2])
+        dt = jnp.promote_types(x.dtype, W.dtype)  # like Dense's matmul
+        x, W = x.astype(dt), W.astype(dt)
         xp, pads = self._padded(x, q, st)
         sp = "HW"[:k]
         y = jax.lax.conv_general_dilated(
