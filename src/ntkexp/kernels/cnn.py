@@ -177,8 +177,14 @@ def self_variances(x: Array, depth: int, q: int, W_std: float, b_std: float,
     return jnp.stack(out)
 
 
-def _block(xa, xb, qa, qb, *, depth, q, W_std, b_std, act, full, vec):
-    """One block of pairs: ``xa, xb (B, *S, C)``, ``qa, qb (depth, B, *S)`` -> ``(B,)`` x 2."""
+def _block(xa, xb, qa, qb, same, *, depth, q, W_std, b_std, act, full, vec):
+    """One block of pairs: ``xa, xb (B, *S, C)``, ``qa, qb (depth, B, *S)`` -> ``(B,)`` x 2.
+
+    ``same (B,)`` (or None) marks pairs of a point with itself: there the
+    position-diagonal covariance is set to exactly ``sqrt(q) sqrt(q)`` (relu
+    family) or ``q`` (closed forms), so the angle is exactly 0 instead of the
+    ``sqrt(eps)`` that one rounding step between two summation orders gives.
+    """
     k = xa.ndim - 2
     w2, b2 = W_std**2, b_std**2
     duals = _duals(act)
@@ -202,9 +208,20 @@ def _block(xa, xb, qa, qb, *, depth, q, W_std, b_std, act, full, vec):
         b2_ = b1
     groups = 2 if full else 1
     ra, rb = safe_sqrt(qa), safe_sqrt(qb)
+    if same is not None:
+        S = xa.shape[1:-1]
+        N = math.prod(S)
+        if full:
+            eye = jnp.eye(N, dtype=bool).reshape(*S, *S)
+            mask = same.reshape(-1, *(1,) * (2 * k)) & eye[None]
+        else:
+            mask = jnp.broadcast_to(same.reshape(-1, *(1,) * k), (same.shape[0], *S))
     KT = None
     for h in range(depth):
         sigma = w2 * patch_mean(K, q, k, groups) + b2
+        if same is not None:
+            exact = b1(ra[h]) * b2_(ra[h]) if act[0] == "angular" else b1(qa[h])
+            sigma = jnp.where(mask, exact, sigma)
         theta = sigma if KT is None else sigma + w2 * patch_mean(KT, q, k, groups)
         T, Td = duals(b1(ra[h]), b2_(rb[h]), b1(qa[h]), b2_(qb[h]), sigma)
         K, KT = T, Td * theta
@@ -244,7 +261,7 @@ def _kernel(x1, x2, *, depth, q, W_std, b_std, act, full, vec, sym, block):
 
     def one(idx):
         a, b = idx
-        return fn(x1[a], x2[b], q1s[:, a], q2s[:, b])
+        return fn(x1[a], x2[b], q1s[:, a], q2s[:, b], a == b if sym else None)
 
     nngp, ntk = jax.lax.map(one, (jnp.asarray(ja), jnp.asarray(jb)))
     nngp, ntk = nngp.reshape(-1)[:m], ntk.reshape(-1)[:m]
