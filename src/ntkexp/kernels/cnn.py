@@ -241,21 +241,13 @@ def _block(xa, xb, qa, qb, same, *, depth, q, W_std, b_std, act, full, vec):
 
 
 @functools.partial(jax.jit, static_argnames=("depth", "q", "W_std", "b_std", "act", "full",
-                                             "vec", "sym", "block"))
-def _kernel(x1, x2, *, depth, q, W_std, b_std, act, full, vec, sym, block):
+                                             "vec", "sym"))
+def _kernel(x1, x2, ja, jb, *, depth, q, W_std, b_std, act, full, vec, sym):
+    """``ja, jb (nb, B)`` int32: the pair indices, block by block (passed as arrays, not
+    baked into the program as constants)."""
     n1, n2 = x1.shape[0], x2.shape[0]
     q1s = self_variances(x1, depth, q, W_std, b_std, act)
     q2s = q1s if sym else self_variances(x2, depth, q, W_std, b_std, act)
-    if sym:
-        ia, ib = np.triu_indices(n1)
-    else:
-        ia, ib = (g.ravel() for g in np.meshgrid(np.arange(n1), np.arange(n2), indexing="ij"))
-    m = ia.size
-    B = max(1, min(block, m))
-    nb = -(-m // B)
-    pad = nb * B - m
-    ja = np.concatenate([ia, np.zeros(pad, ia.dtype)]).reshape(nb, B)
-    jb = np.concatenate([ib, np.zeros(pad, ib.dtype)]).reshape(nb, B)
     fn = functools.partial(_block, depth=depth, q=q, W_std=W_std, b_std=b_std, act=act,
                            full=full, vec=vec)
 
@@ -263,16 +255,34 @@ def _kernel(x1, x2, *, depth, q, W_std, b_std, act, full, vec, sym, block):
         a, b = idx
         return fn(x1[a], x2[b], q1s[:, a], q2s[:, b], a == b if sym else None)
 
-    nngp, ntk = jax.lax.map(one, (jnp.asarray(ja), jnp.asarray(jb)))
+    nngp, ntk = jax.lax.map(one, (ja, jb))
+    m = n1 * (n1 + 1) // 2 if sym else n1 * n2
     nngp, ntk = nngp.reshape(-1)[:m], ntk.reshape(-1)[:m]
     if not sym:
         return Kernel(nngp.reshape(n1, n2), ntk.reshape(n1, n2))
+    ia, ib = ja.reshape(-1)[:m], jb.reshape(-1)[:m]
 
     def mirror(v):
         out = jnp.zeros((n1, n1), v.dtype).at[ia, ib].set(v)
         return out.at[ib, ia].set(v)
 
     return Kernel(mirror(nngp), mirror(ntk))
+
+
+def _pair_blocks(n1: int, n2: int, sym: bool, block: int):
+    """Pair indices ``(ja, jb)`` as ``(nb, B)`` int32 arrays (upper triangle when ``sym``)."""
+    if sym:
+        ia, ib = np.triu_indices(n1)
+    else:
+        ia = np.repeat(np.arange(n1), n2)
+        ib = np.tile(np.arange(n2), n1)
+    m = ia.size
+    B = max(1, min(block, m))
+    nb = -(-m // B)
+    pad = nb * B - m
+    ja = np.concatenate([ia, np.zeros(pad, ia.dtype)]).astype(np.int32).reshape(nb, B)
+    jb = np.concatenate([ib, np.zeros(pad, ib.dtype)]).astype(np.int32).reshape(nb, B)
+    return jnp.asarray(ja), jnp.asarray(jb)
 
 
 def conv_stack_kernel(x1: Array, x2: Array | None = None, *, depth: int, filter_size: int,
@@ -328,9 +338,9 @@ def conv_stack_kernel(x1: Array, x2: Array | None = None, *, depth: int, filter_
     N = math.prod(x1.shape[1:-1])
     per_pair = N * N if full else N
     block = max(1, int(block_entries) // per_pair)
-    return _kernel(x1, x2, depth=int(depth), q=int(filter_size), W_std=float(W_std),
-                   b_std=float(b_std), act=key, full=full, vec=readout == "vec", sym=sym,
-                   block=block)
+    ja, jb = _pair_blocks(x1.shape[0], x2.shape[0], sym, block)
+    return _kernel(x1, x2, ja, jb, depth=int(depth), q=int(filter_size), W_std=float(W_std),
+                   b_std=float(b_std), act=key, full=full, vec=readout == "vec", sym=sym)
 
 
 def cnn_kernel(spec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kernel:
