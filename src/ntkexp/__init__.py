@@ -10,11 +10,19 @@ Public API (stable)::
     K = nx.empirical_ntk(apply_fn, params, x1)     # (n1, n2)
     res = nx.train(apply_fn, params, x, y, optimizer=nx.optim.gd(1.0), steps=200)
 
+Any architecture as a composition of layers (each with its finite Flax
+computation and its exact infinite-width map; :mod:`ntkexp.layers`)::
+
+    net = nx.layers.serial(nx.layers.Dense(512), nx.layers.Activation("tanh"),
+                           nx.layers.Dense(1, readout=True))
+    k = nx.analytic_kernel(net, x1)
+    apply_fn, params = nx.layers.init_network(net, x1.shape[1:], key)
+
 Config-driven runs (``nx.load_config``, ``nx.run``) and the experiment, dataset
 and plotting layers are imported lazily, so ``import ntkexp`` stays light.
 """
 
-from ntkexp import optim, theory
+from ntkexp import layers, optim, theory
 from ntkexp.activations import ACTIVATIONS, Activation, get_activation, register_activation
 from ntkexp.empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
 from ntkexp.kernels import (
@@ -30,6 +38,7 @@ from ntkexp.kernels import (
 )
 from ntkexp.kernels.cnn import cnn_kernel
 from ntkexp.kernels.resmlp import resmlp_kernel
+from ntkexp.layers import register_layer
 from ntkexp.models import (
     ARCHITECTURES,
     MLP,
@@ -82,6 +91,8 @@ def __getattr__(name):
 
 
 __all__ = [
+    "layers",
+    "register_layer",
     "ACTIVATIONS",
     "ARCHITECTURES",
     "CNN",

@@ -435,8 +435,12 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
             ACTIVATIONS.get(cfg.activation)
         except RegistryError as e:
             raise ConfigError(f"{_where(source, _join(path, 'activation'))}: {e}") from None
+    from ntkexp.layers.registry import LayerSpecError
+
     try:
         cfg.spec(cfg.widths[0])
+    except LayerSpecError as e:  # a bad entry of a layer list: name its key path
+        raise ConfigError(f"{_where(source, _join(path, e.path))}: {e.msg}") from None
     except (TypeError, ValueError) as e:
         msg = " ".join(str(e).split())
         raise ConfigError(f"{where}: architecture {name!r} rejects these settings: {msg}") \

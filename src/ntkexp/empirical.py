@@ -16,8 +16,9 @@ Four ways to compute it (``method=``):
   the vjp of example ``j`` gives a parameter-space tangent, a jvp of the
   linearised network on ``X1`` gives the column. Never holds more than a chunk
   of tangents. FLOPs ``~ 3 F out n2 + 2 F out n1 n2``.
-* ``"structured"``: for stacks of dense layers (anything with a
-  ``structure(params, x)`` method, e.g. :class:`ntkexp.models.mlp.MLPApply`).
+* ``"structured"``: for models implementing the structured protocol
+  (:func:`has_structure`: layer compositions of :mod:`ntkexp.layers` whose
+  parameterised layers are Dense/Conv, and the MLP's fast path).
   A dense layer ``z = w a W + beta b`` has ``df/dW = w a b^T`` and
   ``df/db = beta b`` with ``a`` the layer input and ``b = df/dz`` the backward
   vector, so (the seed's factorisation; Jacot et al. 2018, eq. 1)::
@@ -43,8 +44,8 @@ independently (as every model with frozen state does).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -140,8 +141,17 @@ def _check_block(block_size):
 
 
 def has_structure(apply_fn) -> bool:
-    """Whether ``apply_fn`` exposes its dense-layer structure (``structure(params, x)``)."""
-    return callable(getattr(apply_fn, "structure", None))
+    """Whether ``apply_fn`` implements the structured-NTK protocol.
+
+    That is ``structure_features(params, x) -> features`` (a pytree with
+    leading axis ``n``) and ``structure_pair(f1, f2, full=) -> (n1, n2)`` or
+    ``(n1, n2, out, out)``, and (if present) ``structured_available`` is true.
+    :class:`ntkexp.models.mlp.MLPApply` and :class:`ntkexp.layers.Network`
+    implement it.
+    """
+    return (callable(getattr(apply_fn, "structure_features", None))
+            and callable(getattr(apply_fn, "structure_pair", None))
+            and bool(getattr(apply_fn, "structured_available", True)))
 
 
 # --------------------------------------------------------------------------
@@ -236,60 +246,26 @@ def _tiled_unrolled(pair_fn, b1, b2, k1: int, k2: int, n1: int, n2: int, *, sym:
 # --------------------------------------------------------------------------
 
 
-def _structured_pair(f1, f2, meta, *, full: bool):
-    """Kernel block from layer inputs and backward vectors (module docstring formula)."""
-    inputs1, back1 = f1
-    inputs2, back2 = f2
-    w_mults, b_mults, out_dim = meta["w"], meta["b"], meta["out"]
-    L = len(inputs1) - 1
-    K = None
-    for h in range(L + 1):
-        c = (w_mults[h] ** 2) * (inputs1[h] @ inputs2[h].T)
-        if b_mults[h] != 0.0:
-            c = c + b_mults[h] ** 2
-        if h < L:
-            u, v = back1[h], back2[h]  # (m, out, width)
-            if full:
-                B = jnp.einsum("iaw,jbw->ijab", u, v)
-                term = c[:, :, None, None] * B
-            else:
-                term = c * (u.reshape(u.shape[0], -1) @ v.reshape(v.shape[0], -1).T)
-        else:
-            if full:
-                eye = jnp.eye(out_dim, dtype=c.dtype)
-                term = c[:, :, None, None] * eye[None, None]
-            else:
-                term = out_dim * c
-        K = term if K is None else K + term
-    return K
-
-
 def _structure_features(apply_fn, params, x, m):
-    """``(inputs, backward)`` blocked ``(k, m, ...)``, plus static multipliers."""
-    meta: dict[str, Any] = {}
+    """The model's structured-NTK features, blocked ``(k, m, ...)``."""
 
     def feats(xb):
-        st = apply_fn.structure(params, xb)
-        meta.update(w=tuple(float(w) for w in st.w_mults),
-                    b=tuple(float(b) for b in st.b_mults), out=st.out.shape[1])
-        return tuple(st.inputs), tuple(st.backward)
+        return apply_fn.structure_features(params, xb)
 
     xb = _to_blocks(x, m)
     if xb.shape[0] == 1:
-        f = jax.tree_util.tree_map(lambda a: a[None], feats(xb[0]))
-    else:
-        f = lax.map(feats, xb)
-    return f, meta
+        return jax.tree_util.tree_map(lambda a: a[None], feats(xb[0]))
+    return lax.map(feats, xb)
 
 
 def _ntk_structured(apply_fn, params, x1, x2, *, m1, m2, full):
     sym = x2 is None
-    f1, meta = _structure_features(apply_fn, params, x1, m1)
-    f2 = f1 if sym else _structure_features(apply_fn, params, x2, m2)[0]
+    f1 = _structure_features(apply_fn, params, x1, m1)
+    f2 = f1 if sym else _structure_features(apply_fn, params, x2, m2)
     n2 = x1.shape[0] if sym else x2.shape[0]
 
     def pair(a, b, same):
-        return _structured_pair(a, b, meta, full=full)
+        return apply_fn.structure_pair(a, b, full=full)
 
     return _tiled(pair, f1, f2, x1.shape[0], n2, sym=sym, full=full)
 
@@ -505,8 +481,8 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
     structured_ok = has_structure(apply_fn)
     if method == "structured" and not structured_ok:
         raise ValueError(
-            f"method 'structured' needs a model that exposes its dense-layer structure "
-            f"(an MLPApply or an apply_fn with a structure(params, x) method), got "
+            f"method 'structured' needs a model that exposes its layer structure "
+            f"(structure_features/structure_pair, e.g. a dense or conv layer composition), got "
             f"{type(apply_fn).__name__}; use method 'jvp', 'jacobian' or 'auto'"
         )
     o = out.shape[1]
@@ -552,10 +528,12 @@ def _nngp_pair(a, b, same, *, w2, b2):
 
 def _nngp_core_impl(params, x1, x2, *, apply_fn, m):
     sym = x2 is None
-    spec = apply_fn.spec
+    scales = {}
 
     def feats(xb):
-        return apply_fn.forward(params, xb)[1][-1]
+        a, w2, b2 = apply_fn.readout_features(params, xb)
+        scales.update(w2=float(w2), b2=float(b2))
+        return a
 
     def blocked(x):
         xb = _to_blocks(x, m)
@@ -565,12 +543,9 @@ def _nngp_core_impl(params, x1, x2, *, apply_fn, m):
 
     f1 = blocked(x1)
     f2 = f1 if sym else blocked(x2)
-    fan_in = f1.shape[-1]
-    w2 = spec.W_std**2 / fan_in
-    b2 = spec.b_std**2
 
     def pair(a, b, same):
-        return _nngp_pair(a, b, same, w2=w2, b2=b2)
+        return _nngp_pair(a, b, same, w2=scales["w2"], b2=scales["b2"])
 
     n2 = x1.shape[0] if sym else x2.shape[0]
     return _tiled(pair, f1, f2, x1.shape[0], n2, sym=sym, full=False)
@@ -594,8 +569,8 @@ def empirical_nngp(apply_fn, params, x1, x2=None, *, block_size: int | None = No
     Its mean over initialisations is the analytic NNGP (per output).
 
     Args:
-      apply_fn: an :class:`~ntkexp.models.mlp.MLPApply` (anything with
-        ``spec`` and ``forward(params, x)`` returning layer inputs).
+      apply_fn: a model with ``readout_features(params, x) -> (a, w2, b2)``
+        (an MLP, a layer composition ending in a dense readout).
       params: its parameter pytree.
       x1: ``(n1, d)``; x2: ``(n2, d)`` or None (exactly symmetric result).
       block_size: tile size over inputs (None: whole inputs).
@@ -603,17 +578,35 @@ def empirical_nngp(apply_fn, params, x1, x2=None, *, block_size: int | None = No
     Returns:
       ``(n1, n2)`` array.
     """
-    if not (has_structure(apply_fn) and hasattr(apply_fn, "spec") and hasattr(apply_fn, "forward")):
-        raise ValueError(
-            "empirical_nngp needs a model that exposes its last hidden layer (an MLPApply); "
-            f"got {type(apply_fn).__name__}. For other models estimate the NNGP as the "
-            "output covariance over initialisations (monte_carlo_kernel)"
-        )
     block_size = _check_block(block_size)
     x1, x2 = _check_inputs(x1, x2)
     _check_fit(apply_fn, params, x1)
+    if not _has_readout(apply_fn, params, x1):
+        raise ValueError(
+            "empirical_nngp needs a model that exposes its last hidden layer "
+            "(readout_features: a dense readout on flat features); "
+            f"got {type(apply_fn).__name__}. For other models estimate the NNGP as the "
+            "output covariance over initialisations (monte_carlo_kernel)")
     m = block_size or max(x1.shape[0], 1 if x2 is None else x2.shape[0])
     return _nngp_core(params, x1, x2, apply_fn=apply_fn, m=int(m))
+
+
+def _has_readout(apply_fn, params, x) -> bool:
+    """Whether the model exposes readout features for these params and inputs."""
+    fn = getattr(apply_fn, "readout_features", None)
+    return callable(fn) and _readout_probe(fn, params, x)
+
+
+def _readout_probe(fn, params, x) -> bool:
+    found = []
+
+    def f(p, xx):
+        r = fn(p, xx)
+        found.append(r is not None)
+        return jnp.zeros(())
+
+    jax.eval_shape(f, params, x[:1])
+    return bool(found and found[0])
 
 
 def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, width: int,
@@ -627,8 +620,10 @@ def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, wid
     sampling error falls like ``1/sqrt(n_samples * width)``.
 
     Args:
-      spec_or_builder: an :class:`~ntkexp.models.mlp.MLPSpec` (its width is
-        replaced by ``width``) or a builder ``(key, width) -> (apply_fn,
+      spec_or_builder: a registered architecture's spec (e.g.
+        :class:`~ntkexp.models.mlp.MLPSpec`; its width is replaced by ``width``),
+        a layer composition (:mod:`ntkexp.layers`; its hidden widths are
+        replaced) or a builder ``(key, width) -> (apply_fn,
         params)`` returning the same ``apply_fn`` for every key.
       x1: ``(n1, ...)``; x2: ``(n2, ...)`` or None.
       key: PRNG key.
@@ -636,7 +631,7 @@ def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, wid
       width: hidden width.
       method: empirical NTK method.
       batch_size: initialisations per vmapped batch (None: all at once).
-      dtype: parameter dtype for an MLPSpec (default: the dtype of ``x1``).
+      dtype: parameter dtype for a spec or composition (default: the dtype of ``x1``).
 
     Returns:
       ``Kernel(nngp, ntk)``, each ``(n1, n2)``, per output: the NTK is the
@@ -644,32 +639,22 @@ def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, wid
       (last hidden layer) for MLPs, else the output covariance
       ``mean_a f_a(x) f_a(x')``.
     """
-    from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
-
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive integer, got {width!r}")
     x1, x2 = _check_inputs(x1, x2)
-    if isinstance(spec_or_builder, MLPSpec):
-        spec = spec_or_builder.replace(width=width)
-        in_dim = x1.shape[1]
-        pdtype = dtype or x1.dtype
-
-        def builder(k, w):
-            return MLPApply(spec), init_params(spec, in_dim, k, pdtype)
-    elif callable(spec_or_builder):
+    if callable(spec_or_builder) and not hasattr(spec_or_builder, "kernel") \
+            and not dataclasses.is_dataclass(spec_or_builder):
         builder = spec_or_builder
     else:
-        raise TypeError(
-            f"spec_or_builder must be an MLPSpec or a builder (key, width) -> (apply_fn, params), "
-            f"got {type(spec_or_builder).__name__}"
-        )
+        from ntkexp.models.registry import builder_for
+
+        builder = builder_for(spec_or_builder, tuple(x1.shape[1:]), dtype or x1.dtype)
     keys = jax.random.split(key, n_samples)
     apply_fn, p0 = builder(keys[0], width)
     out_dim = _check_fit(apply_fn, p0, x1).shape[1]
-    del p0
-    mlp_like = has_structure(apply_fn) and hasattr(apply_fn, "spec")
+    mlp_like = _has_readout(apply_fn, p0, x1)
 
     def one(k):
         params = builder(k, width)[1]
@@ -682,5 +667,6 @@ def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, wid
             nngp = (f1 @ f2.T) / out_dim
         return Kernel(nngp, ntk)
 
+    del p0
     ks = lax.map(one, keys, batch_size=batch_size or n_samples)
     return Kernel(jnp.mean(ks.nngp, axis=0), jnp.mean(ks.ntk, axis=0))

@@ -341,29 +341,13 @@ def kernel_drift(K_t, K_0) -> Array:
 
 
 def hidden_preactivations(apply_fn, params, x) -> list[Array] | None:
-    """Pre-activations of every hidden layer, ``[(n, width)]``, or None if unknown.
+    """Pre-activations of every hidden layer, ``[(n, units)]``, or None if unknown.
 
-    Supported: apply objects with a ``preactivations(params, x)`` method (the
-    two-layer net) and ``MLPApply`` (recomputed with its layer scales).
+    Asks the model protocol: ``apply_fn.preactivations(params, x)`` (layer
+    compositions of :mod:`ntkexp.layers`, the MLP, the two-layer net).
     """
     if hasattr(apply_fn, "preactivations"):
         return apply_fn.preactivations(params, x)
-    from ntkexp.models.mlp import MLPApply, layer_scales
-
-    if isinstance(apply_fn, MLPApply):
-        spec = apply_fn.spec
-        layers = params["layers"]
-        a = jnp.asarray(x).astype(layers[0]["W"].dtype)
-        zs = []
-        for h in range(spec.depth):
-            p = layers[h]
-            w_mult, b_mult = layer_scales(spec, p["W"].shape[0])
-            z = w_mult * (a @ p["W"])
-            if "b" in p:
-                z = z + b_mult * p["b"][None, :]
-            zs.append(z)
-            a = spec.act.fn(z)
-        return zs
     return None
 
 
@@ -371,20 +355,19 @@ def hidden_weights(apply_fn, params) -> Array | None:
     """Incoming weights of the first hidden layer's units, ``(m, d)``, or None."""
     if hasattr(apply_fn, "hidden_weights"):
         return apply_fn.hidden_weights(params)
-    from ntkexp.models.mlp import MLPApply
-
-    if isinstance(apply_fn, MLPApply) and apply_fn.spec.depth >= 1:
-        return params["layers"][0]["W"].T
     return None
 
 
 def supports_patterns(apply_fn) -> bool:
-    """True when :func:`pattern_flip_fraction` and :func:`max_weight_distance` apply."""
-    from ntkexp.models.mlp import MLPApply
+    """True when :func:`pattern_flip_fraction` and :func:`max_weight_distance` apply.
 
-    return hasattr(apply_fn, "preactivations") or (
-        isinstance(apply_fn, MLPApply) and apply_fn.spec.depth >= 1
-    )
+    That is when the model exposes pre-activations and first-layer weights and
+    has at least one hidden activation (checked on abstract shapes only).
+    """
+    if not (hasattr(apply_fn, "preactivations") and hasattr(apply_fn, "hidden_weights")):
+        return False
+    probe = getattr(apply_fn, "has_hidden_units", None)
+    return True if probe is None else bool(probe)
 
 
 def pattern_flip_fraction(apply_fn, params_t, params_0, x) -> Array:

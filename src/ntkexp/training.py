@@ -14,7 +14,8 @@ integer labels or one-hot / probability targets. Steps run inside
 ``lax.scan`` in chunks; between chunks the host checks for divergence, calls
 the progress callback and, at the requested ``record_steps``, records probe
 outputs, the empirical NTK on the probe points, the distance from
-initialisation and, for two-layer nets and MLPs, the fraction of flipped
+initialisation and, for models exposing their pre-activations (layer
+compositions, the MLP, the two-layer net), the fraction of flipped
 activation patterns (Du et al. 2019, Fig. 1b) and ``max_r ||w_r(t) - w_r(0)||``
 (Fig. 1c).
 
@@ -23,8 +24,8 @@ leading axis K; build them with :func:`init_ensemble`) in one vmapped program,
 so K initialisations cost about one K-times-larger batch. On CPU the members
 are split into one group per available core, each group a program of its own
 run from a host thread (``threads``): XLA:CPU runs one program's small ops on
-one core. Models that define ``vjp(params, x)`` (``MLPApply``) get their
-gradients from it rather than from ``jax.vjp``.
+one core. Models that define ``vjp(params, x)`` (the MLP's dense-stack fast
+path) get their gradients from it rather than from ``jax.vjp``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import ntkexp.models.two_layer  # noqa: F401  (registers "two_layer_relu")
+import ntkexp.models  # noqa: F401  (registers the built-in architectures)
 from ntkexp.empirical import empirical_ntk
 
 Array = jax.Array
@@ -828,7 +829,8 @@ def init_ensemble(build_or_spec, in_dim: int, keys: Array, dtype=None):
     Args:
       build_or_spec: a registered architecture spec (``MLPSpec``,
         ``TwoLayerSpec``, ...: the builder registered with that spec type is
-        used), or a builder ``(key) -> (apply_fn, params)``.
+        used), a layer composition (:mod:`ntkexp.layers`), or a builder
+        ``(key) -> (apply_fn, params)``.
       in_dim: input dimension d.
       keys: ``(K,)`` PRNG keys (e.g. ``jax.random.split(jax.random.key(0), K)``).
       dtype: parameter dtype (default float32).
@@ -836,14 +838,20 @@ def init_ensemble(build_or_spec, in_dim: int, keys: Array, dtype=None):
     Returns:
       ``(apply_fn, params)``; member k equals the single build from ``keys[k]``.
     """
-    from ntkexp.models.registry import ARCHITECTURES
+    from ntkexp.layers.base import Layer
+    from ntkexp.models.registry import architecture_of
 
-    if callable(build_or_spec) and not hasattr(build_or_spec, "__dataclass_fields__"):
+    if isinstance(build_or_spec, Layer):
+        from ntkexp.layers.network import Network
+
+        net = Network(build_or_spec, (in_dim,) if isinstance(in_dim, int) else tuple(in_dim))
+
+        def build(k):
+            return net, net.init(k, dtype)
+    elif callable(build_or_spec) and not hasattr(build_or_spec, "__dataclass_fields__"):
         build = build_or_spec
     else:
-        arch = next(
-            (a for _, a in ARCHITECTURES.items() if a.make_spec is type(build_or_spec)), None
-        )
+        arch = architecture_of(build_or_spec)
         if arch is None:
             raise TypeError(
                 f"no registered architecture builds specs of type {type(build_or_spec).__name__}"

@@ -3,7 +3,13 @@
 from ntkexp.kernels.analytic import analytic_kernel, diag_variances, dual_method, nngp_diagonal
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import NumericalDual, hermite_coefficients, numerical_dual
-from ntkexp.kernels.special import arora_ntk, c_sigma, du_gram, two_layer_relu_ntk_sphere
+from ntkexp.kernels.special import (
+    arora_ntk,
+    c_sigma,
+    du_gram,
+    two_layer_relu_kernel,
+    two_layer_relu_ntk_sphere,
+)
 from ntkexp.kernels.spectra import (
     fit_decay_exponent,
     gauss_jacobi,
@@ -29,5 +35,6 @@ __all__ = [
     "nngp_diagonal",
     "numerical_dual",
     "smoothness_gammas",
+    "two_layer_relu_kernel",
     "two_layer_relu_ntk_sphere",
 ]

@@ -345,11 +345,15 @@ def _as_inputs(x, name: str) -> Array:
 def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None,
                     exact_angles: bool | None = None, degree: int = DEFAULT_DEGREE,
                     nodes: int = DEFAULT_NODES) -> Kernel:
-    """Infinite-width NNGP and NTK of the MLP ``spec`` (scalar output).
+    """Infinite-width NNGP and NTK of the MLP ``spec`` (scalar output), or of any network.
 
     Args:
       spec: an :class:`~ntkexp.models.mlp.MLPSpec` (NTK or standard
-        parameterization; see the module docstring for the conventions).
+        parameterization; see the module docstring for the conventions); or a
+        layer composition / :class:`~ntkexp.layers.Network` (its limit by
+        :func:`ntkexp.layers.composition_kernel`; the options below then do
+        not apply), or the spec of any registered architecture with an
+        analytic kernel.
       x1: inputs ``(n1, d)``.
       x2: inputs ``(n2, d)``, or None for ``x2 = x1`` (the result is then
         exactly symmetric: upper tiles are computed and written mirrored).
@@ -375,7 +379,7 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
         containing NaN/inf; a bad ``block_size``.
     """
     if not isinstance(spec, MLPSpec):
-        raise TypeError(f"analytic_kernel needs an MLPSpec, got {type(spec).__name__}")
+        return _other_kernel(spec, x1, x2)
     sym = x2 is None
     x1 = _as_inputs(x1, "x1")
     if sym:
@@ -397,6 +401,22 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
     if not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be a positive integer, got {degree!r}")
     return _kernel(spec, x1, x2, sym, int(block_size), bool(exact_angles), degree, int(nodes))
+
+
+def _other_kernel(net, x1, x2) -> Kernel:
+    """A layer composition, a :class:`~ntkexp.layers.Network` or a registered spec."""
+    from ntkexp.layers.base import Layer
+    from ntkexp.layers.network import Network, composition_kernel
+    from ntkexp.models.registry import architecture_of
+
+    if isinstance(net, (Layer, Network)):
+        return composition_kernel(net, x1, x2)
+    arch = architecture_of(net)
+    if arch is not None and arch.analytic is not None:
+        return arch.analytic(net, x1, x2)
+    raise TypeError(
+        "analytic_kernel needs an MLPSpec, a layer composition (ntkexp.layers) or the spec "
+        f"of a registered architecture with an analytic kernel, got {type(net).__name__}")
 
 
 def nngp_diagonal(spec: MLPSpec, x) -> Array:

@@ -1,139 +1,349 @@
-"""Analytic infinite-width NNGP and NTK of a CNN: CNTK-V and CNTK-GAP.
+"""Analytic NNGP and NTK of a stack of stride-1 'SAME' convolutions: CNTK-V and CNTK-GAP.
 
-For the network of :mod:`ntkexp.models.cnn` (NTK parameterization, 'SAME' zero
-padding, stride 1, patch size ``P = q^k``) the infinite-channel limit is a
-recursion over *pixel pairs* (Arora et al. 2019, "On exact computation with an
-infinitely wide neural net", section 4 and appendix B, with ``c_sigma = W_std^2``
-and biases added; Novak et al. 2019; Garriga-Alonso et al. 2019). For inputs
-``x, x'`` and positions ``i, j``, with ``[.]_D`` the patch mean
+The fused, memory-lean kernel map behind ``arch: cnn`` and behind any layer
+composition of the form ``[conv, act] * depth + [global_avg_pool | flatten,
+dense]`` (:func:`ntkexp.layers.conv.conv_stack_of`). It takes plain
+hyperparameters and arrays, so it imports no model.
+
+Recursion (Arora et al. 2019, "On exact computation with an infinitely wide
+neural net", section 4 and appendix B, with ``c_sigma = W_std^2`` and biases;
+Novak et al. 2019; Garriga-Alonso et al. 2019). For inputs ``x, x'`` and
+positions ``i, j``, with ``[.]_D`` the patch mean
 ``[K]_{ij} = (1/P) sum_delta K_{i+delta, j+delta}`` (zero outside the image;
-the padded zeros still count in ``1/P``)::
+the padded zeros count in ``1/P``, ``P = q^k``)::
 
-    K^0_{ij}      = <x_i, x'_j> / C_in                      (input "activation" kernel)
-    Sigma^h_{ij}  = W_std^2 [K^{h-1}]_{ij} + b_std^2        (pre-activation NNGP)
-    Theta^h_{ij}  = Sigma^h_{ij} + W_std^2 [Kdot^{h-1} * Theta^{h-1}]_{ij}   (term absent for h=1)
+    K^0_{ij}      = <x_i, x'_j> / C_in
+    Sigma^h_{ij}  = W_std^2 [K^{h-1}]_{ij} + b_std^2
+    Theta^h_{ij}  = Sigma^h_{ij} + W_std^2 [Kdot^{h-1} * Theta^{h-1}]_{ij}   (h > 1)
     K^h_{ij}      = T(Sigma^h_ii(x,x), Sigma^h_ij(x,x'), Sigma^h_jj(x',x'))
     Kdot^h_{ij}   = Tdot(same)
 
-with ``T, Tdot`` the activation's dual maps (``ntkexp.activations``). This is
-the official CNTK code's "Theta <- Theta * Sigmadot + Sigma, then a q x q
-conv-sum" per layer. Readout on ``L = depth``:
+Readout on ``L = depth``: GAP ``nngp = W_std^2 mean_{i,j} K^L_{ij} + b_std^2``,
+``ntk = nngp + W_std^2 mean_{i,j} (Kdot^L Theta^L)_{ij}``; vec the same with the
+mean over the diagonal ``i = j`` only (the patch mean moves ``i`` and ``j`` by
+the same ``delta``, so the diagonal only ever needs the diagonal: ``O(N)`` per
+pair instead of ``O(N^2)``).
 
-* GAP (CNTK-GAP):  ``nngp = W_std^2 mean_{i,j} K^L_{ij} + b_std^2``,
-  ``ntk = nngp + W_std^2 mean_{i,j} (Kdot^L * Theta^L)_{ij}``;
-* vec (CNTK-V):    the same with the mean over the diagonal ``i = j`` only.
+How it is computed (issue 12: speed and memory):
 
-Because the patch mean moves ``i`` and ``j`` by the *same* ``delta``, entries
-at a given offset ``i - j`` only ever depend on entries at the same offset, and
-``T`` needs only the self-kernels on the diagonal. So the vec readout needs
-just the diagonal ``i = j`` (arrays ``(n1, n2, *image_shape)``, ``O(N)`` per
-input pair), while GAP needs all pairs (``(n1, n2, *image_shape, *image_shape)``,
-``O(N^2)`` per pair) -- cheap for small images.
+* **Pairs in cache-sized blocks.** Every input pair ``(a, b)`` is independent
+  (the self-variances ``Sigma^h_ii(x, x)`` are a separate ``O(n N)`` recursion
+  on the diagonal). Pairs are processed in blocks of ``B`` pairs by
+  ``lax.map``; a block runs the whole depth (input covariance, every layer,
+  the readout mean) on ``(B, *S, *S)`` arrays that stay in cache, so the
+  intermediates of a layer never go to memory. Peak memory is the output
+  ``(n1, n2)`` plus ``O(B N^2)`` for the block: linear in the pairs of a tile
+  times ``N^2`` at most, and independent of ``n`` per block.
+* **Symmetry.** For ``x2 = None`` only the pairs ``a <= b`` are computed
+  (``n (n + 1) / 2``) and mirrored, so the result is exactly symmetric.
+* **Lean dual maps.** For the relu family (``phi(u) = sigma u + delta |u|``;
+  Cho & Saul 2009) with ``s = sqrt(q1 q2)``, gaps ``e = s - c``, ``f = s + c``
+  and ``p = sqrt(min(e, f) max(e, f)) = s sin(theta)``, the angle is
+  ``u = 2 atan(p / max(e, f)) = min(theta, pi - theta)``
+  (:func:`ntkexp.activations.atan_ratio`: a vectorised Cephes kernel, not
+  XLA's scalar ``atan2``), exact at both edges, and::
+
+      T    = sigma^2 c + delta^2 (2 p + (pi - 2 theta) c) / pi
+      Tdot = sigma^2 + delta^2 (1 - 2 theta / pi)
+
+  one square root and one division per entry (``s`` is an outer product of
+  per-position square roots). Other closed forms use the activation's ``T``
+  and ``Tdot``; activations without one go through the generic layer
+  composition (Mehler fallback, :mod:`ntkexp.layers.activation`).
+
+FLOPs (relu, GAP, ``n`` points, ``N`` positions, filter ``P = q^k``): each
+layer costs per entry ``2 P`` adds for the two patch sums plus about 40 for the
+dual (square root, the atan kernel's rational function and division, the
+selects), so the map is about ``depth * (2 P + 40) * N^2`` flops per pair,
+``n (n + 1) / 2`` pairs when symmetric; see ``benchmarks/bench_cnn.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ntkexp.activations import Activation, atan_ratio, get_activation, safe_sqrt
 from ntkexp.kernels.base import Kernel
-from ntkexp.models.cnn import CNNSpec, as_images
 
 Array = jax.Array
 PIXEL_PAIRS = ("auto", "diagonal", "all")
+READOUTS = ("gap", "vec")
+#: default block size in kernel entries (pairs x positions^2) per lax.map step
+BLOCK_ENTRIES = 1 << 17
 
 
-def _patch_mean(spec: CNNSpec, a: Array, groups: int) -> Array:
-    """``(1/P) sum_delta a[..., i + delta, (j + delta)]`` with zero padding.
+def same_pad(q: int) -> tuple[int, int]:
+    """``(lo, hi)`` zero padding of lax's ``'SAME'`` for filter ``q`` at stride 1."""
+    lo = (q - 1) // 2
+    return lo, q - 1 - lo
+
+
+def patch_mean(a: Array, q: int, k: int, groups: int) -> Array:
+    """``(1/P) sum_delta a[..., i + delta, (j + delta)]``, zero outside (``P = q^k``).
 
     Args:
-      a: ``(n1, n2, *image_shape)`` (``groups=1``) or
-        ``(n1, n2, *image_shape, *image_shape)`` (``groups=2``); the same
-        shift ``delta`` is applied to every group of spatial axes.
+      a: ``(B, *S)`` (``groups=1``) or ``(B, *S, *S)`` (``groups=2``), ``k``
+        spatial axes per group; the same shift ``delta`` moves every group.
     """
-    k = spec.n_spatial
-    lo, hi = spec.pad
-    padded = jnp.pad(a, [(0, 0), (0, 0)] + [(lo, hi)] * (k * groups))
-    out = jnp.zeros_like(a)
-    for delta in itertools.product(range(spec.filter_size), repeat=k):
-        idx = tuple(slice(d, d + s) for d, s in zip(delta, spec.image_shape, strict=True))
-        out = out + padded[(slice(None), slice(None)) + idx * groups]
-    return out / spec.patch_size
+    S = a.shape[1:1 + k]
+    lo, hi = same_pad(q)
+    padded = jnp.pad(a, [(0, 0)] + [(lo, hi)] * (k * groups))
+    out = None
+    for delta in itertools.product(range(q), repeat=k):
+        idx = tuple(slice(d, d + s) for d, s in zip(delta, S, strict=True))
+        term = padded[(slice(None),) + idx * groups]
+        out = term if out is None else out + term
+    return out / (q**k)
 
 
-def _self_variances(spec: CNNSpec, x: Array) -> Array:
-    """Per-position pre-activation variances ``Sigma^h_ii(x, x)``: ``(depth, n, *image_shape)``."""
-    act = spec.act
-    w2, b2 = spec.W_std**2, spec.b_std**2
+def relu_family_duals(sigma: float, delta: float, r1: Array, r2: Array, c: Array):
+    """``(T, Tdot)`` of ``phi(u) = sigma u + delta |u|`` from ``r = sqrt(q)`` and ``c``.
 
-    def layer(k_prev, _):
-        q = w2 * _patch_mean(spec, k_prev[:, None], 1)[:, 0] + b2
-        return act.T(q, q, q), q
+    Args:
+      r1, r2: square roots of the two variances, broadcastable against ``c``.
+      c: the covariance.
 
-    k0 = jnp.sum(x * x, axis=-1) / x.shape[-1]  # K^0_ii
-    return jax.lax.scan(layer, k0, None, length=spec.depth)[1]
+    See the module docstring for the formulas (exact at ``theta = 0`` and ``pi``).
+    """
+    s = r1 * r2
+    e = jnp.maximum(s - c, 0.0)
+    f = jnp.maximum(s + c, 0.0)
+    mn = jnp.minimum(e, f)
+    mx = jnp.maximum(e, f)
+    p = safe_sqrt(mn * mx)
+    u = 2 * atan_ratio(p, mx)  # min(theta, pi - theta)
+    lin = jnp.where(e <= f, 1 - u * (2 / math.pi), u * (2 / math.pi) - 1)  # 1 - 2 theta / pi
+    s2, d2 = sigma**2, delta**2
+    T = s2 * c + d2 * ((2 / math.pi) * p + lin * c)
+    Tdot = s2 + d2 * lin
+    return T, Tdot
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "full", "sym"))
-def _cnn_kernel(spec: CNNSpec, x1: Array, x2: Array, full: bool, sym: bool) -> Kernel:
-    act = spec.act
-    w2, b2 = spec.W_std**2, spec.b_std**2
-    k = spec.n_spatial
-    c = x1.shape[-1]
-    q1s = _self_variances(spec, x1)
-    q2s = q1s if sym else _self_variances(spec, x2)
+def dual_key(act: Activation) -> tuple:
+    """A hashable description of ``act``'s dual maps (a static jit argument).
+
+    ``("angular", sigma, delta)`` for the relu family (so that a fresh
+    Activation object does not recompile), ``("closed", act)`` otherwise.
+    """
+    if act.angular is not None:
+        return ("angular", float(act.angular.sigma), float(act.angular.delta))
+    if act.has_closed_form:
+        return ("closed", act)
+    raise NotImplementedError(f"activation {act.name!r} has no closed-form dual maps")
+
+
+def _duals(key: tuple):
+    """``f(r1, r2, q1, q2, c) -> (T, Tdot)`` elementwise for a :func:`dual_key`."""
+    if key[0] == "angular":
+        _, sig, dl = key
+
+        def f(r1, r2, q1, q2, c):
+            return relu_family_duals(sig, dl, r1, r2, c)
+        return f
+    act = key[1]
+
+    def g(r1, r2, q1, q2, c):
+        return act.T(q1, c, q2), act.Tdot(q1, c, q2)
+    return g
+
+
+def _diag_T(key: tuple, q: Array) -> Array:
+    """``T(q, q, q) = E[phi(u)^2]`` elementwise."""
+    if key[0] == "angular":
+        return (key[1] ** 2 + key[2] ** 2) * q
+    return key[1].T(q, q, q)
+
+
+def self_variances(x: Array, depth: int, q: int, W_std: float, b_std: float,
+                   act: tuple) -> Array:
+    """Per-position pre-activation variances ``Sigma^h_ii(x, x)``: ``(depth, n, *S)``.
+
+    ``act`` is a :func:`dual_key`.
+    """
+    k = x.ndim - 2
+    w2, b2 = W_std**2, b_std**2
+    kk = jnp.sum(x * x, axis=-1) / x.shape[-1]
+    out = []
+    for _ in range(depth):
+        s = w2 * patch_mean(kk, q, k, 1) + b2
+        out.append(s)
+        kk = _diag_T(act, s)
+    return jnp.stack(out)
+
+
+def _block(xa, xb, qa, qb, same, *, depth, q, W_std, b_std, act, full, vec):
+    """One block of pairs: ``xa, xb (B, *S, C)``, ``qa, qb (depth, B, *S)`` -> ``(B,)`` x 2.
+
+    ``same (B,)`` (or None) marks pairs of a point with itself: there the
+    position-diagonal covariance is set to exactly ``sqrt(q) sqrt(q)`` (relu
+    family) or ``q`` (closed forms), so the angle is exactly 0 instead of the
+    ``sqrt(eps)`` that one rounding step between two summation orders gives.
+    """
+    k = xa.ndim - 2
+    w2, b2 = W_std**2, b_std**2
+    duals = _duals(act)
+    hp = jax.lax.Precision.HIGHEST
+    sp1, sp2 = "abc"[:k], "def"[:k]
     if full:
-        sp1 = "ab"[:k]
-        sp2 = "cd"[:k]
-        K = jnp.einsum(f"n{sp1}z,m{sp2}z->nm{sp1}{sp2}", x1, x2,
-                       precision=jax.lax.Precision.HIGHEST) / c
+        K = jnp.einsum(f"n{sp1}z,n{sp2}z->n{sp1}{sp2}", xa, xb, precision=hp) / xa.shape[-1]
         ones = (1,) * k
 
-        def bq1(q):
-            return q.reshape(q.shape[0], 1, *spec.image_shape, *ones)
+        def b1(v):
+            return v.reshape(v.shape[0], *v.shape[1:], *ones)
 
-        def bq2(q):
-            return q.reshape(1, q.shape[0], *ones, *spec.image_shape)
+        def b2_(v):
+            return v.reshape(v.shape[0], *ones, *v.shape[1:])
     else:
-        K = jnp.einsum("n...z,m...z->nm...", x1, x2, precision=jax.lax.Precision.HIGHEST) / c
+        K = jnp.sum(xa * xb, axis=-1) / xa.shape[-1]
 
-        def bq1(q):
-            return q[:, None]
+        def b1(v):
+            return v
 
-        def bq2(q):
-            return q[None, :]
-
+        b2_ = b1
     groups = 2 if full else 1
-
-    def layer(carry, qs):
-        # one conv layer + activation (lax.scan: compiled once for any depth);
-        # kd_theta = 0 before the first layer, so theta = sigma there, exactly
-        K, kd_theta = carry
-        sigma = w2 * _patch_mean(spec, K, groups) + b2
-        theta = sigma + w2 * _patch_mean(spec, kd_theta, groups)
-        Q1, Q2 = bq1(qs[0]), bq2(qs[1])
-        return (act.T(Q1, sigma, Q2), act.Tdot(Q1, sigma, Q2) * theta), None
-
-    (K, kd_theta), _ = jax.lax.scan(layer, (K, jnp.zeros_like(K)), (q1s, q2s))
-    if spec.readout == "vec":
+    ra, rb = safe_sqrt(qa), safe_sqrt(qb)
+    if same is not None:
+        S = xa.shape[1:-1]
+        N = math.prod(S)
         if full:
-            n1, n2 = K.shape[:2]
-            N = spec.n_positions
-            K = jnp.diagonal(K.reshape(n1, n2, N, N), axis1=2, axis2=3)
-            kd_theta = jnp.diagonal(kd_theta.reshape(n1, n2, N, N), axis1=2, axis2=3)
-    axes = tuple(range(2, K.ndim))
+            eye = jnp.eye(N, dtype=bool).reshape(*S, *S)
+            mask = same.reshape(-1, *(1,) * (2 * k)) & eye[None]
+        else:
+            mask = jnp.broadcast_to(same.reshape(-1, *(1,) * k), (same.shape[0], *S))
+    KT = None
+    for h in range(depth):
+        sigma = w2 * patch_mean(K, q, k, groups) + b2
+        if same is not None:
+            exact = b1(ra[h]) * b2_(ra[h]) if act[0] == "angular" else b1(qa[h])
+            sigma = jnp.where(mask, exact, sigma)
+        theta = sigma if KT is None else sigma + w2 * patch_mean(KT, q, k, groups)
+        T, Td = duals(b1(ra[h]), b2_(rb[h]), b1(qa[h]), b2_(qb[h]), sigma)
+        K, KT = T, Td * theta
+    if full and vec:  # CNTK-V from the full recursion (a cross-check): the diagonal i = j
+        N = math.prod(xa.shape[1:-1])
+
+        def diag(v):
+            return jnp.diagonal(v.reshape(v.shape[0], N, N), axis1=1, axis2=2)
+
+        K = diag(K)
+        KT = None if KT is None else diag(KT)
+    axes = tuple(range(1, K.ndim))
     nngp = w2 * jnp.mean(K, axis=axes) + b2
-    ntk = nngp + w2 * jnp.mean(kd_theta, axis=axes)
+    if KT is None:  # depth 0: a linear readout of x
+        return nngp, nngp
+    return nngp, nngp + w2 * jnp.mean(KT, axis=axes)
+
+
+@functools.partial(jax.jit, static_argnames=("depth", "q", "W_std", "b_std", "act", "full",
+                                             "vec", "sym"))
+def _kernel(x1, x2, ja, jb, *, depth, q, W_std, b_std, act, full, vec, sym):
+    """``ja, jb (nb, B)`` int32: the pair indices, block by block (passed as arrays, not
+    baked into the program as constants)."""
+    n1, n2 = x1.shape[0], x2.shape[0]
+    q1s = self_variances(x1, depth, q, W_std, b_std, act)
+    q2s = q1s if sym else self_variances(x2, depth, q, W_std, b_std, act)
+    fn = functools.partial(_block, depth=depth, q=q, W_std=W_std, b_std=b_std, act=act,
+                           full=full, vec=vec)
+
+    def one(idx):
+        a, b = idx
+        return fn(x1[a], x2[b], q1s[:, a], q2s[:, b], a == b if sym else None)
+
+    nngp, ntk = jax.lax.map(one, (ja, jb))
+    m = n1 * (n1 + 1) // 2 if sym else n1 * n2
+    nngp, ntk = nngp.reshape(-1)[:m], ntk.reshape(-1)[:m]
+    if not sym:
+        return Kernel(nngp.reshape(n1, n2), ntk.reshape(n1, n2))
+    ia, ib = ja.reshape(-1)[:m], jb.reshape(-1)[:m]
+
+    def mirror(v):
+        out = jnp.zeros((n1, n1), v.dtype).at[ia, ib].set(v)
+        return out.at[ib, ia].set(v)
+
+    return Kernel(mirror(nngp), mirror(ntk))
+
+
+def _pair_blocks(n1: int, n2: int, sym: bool, block: int):
+    """Pair indices ``(ja, jb)`` as ``(nb, B)`` int32 arrays (upper triangle when ``sym``)."""
     if sym:
-        nngp = (nngp + nngp.T) / 2
-        ntk = (ntk + ntk.T) / 2
-    return Kernel(nngp, ntk)
+        ia, ib = np.triu_indices(n1)
+    else:
+        ia = np.repeat(np.arange(n1), n2)
+        ib = np.tile(np.arange(n2), n1)
+    m = ia.size
+    B = max(1, min(block, m))
+    nb = -(-m // B)
+    pad = nb * B - m
+    ja = np.concatenate([ia, np.zeros(pad, ia.dtype)]).astype(np.int32).reshape(nb, B)
+    jb = np.concatenate([ib, np.zeros(pad, ib.dtype)]).astype(np.int32).reshape(nb, B)
+    return jnp.asarray(ja), jnp.asarray(jb)
 
 
-def cnn_kernel(spec: CNNSpec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kernel:
+def conv_stack_kernel(x1: Array, x2: Array | None = None, *, depth: int, filter_size: int,
+                      W_std: float, b_std: float, activation: str | Activation = "relu",
+                      readout: str = "gap", pixel_pairs: str = "auto",
+                      block_entries: int = BLOCK_ENTRIES) -> Kernel:
+    """NNGP and NTK of ``[Conv(q, SAME, stride 1), act] * depth + [GAP | flatten, Dense(1)]``.
+
+    NTK parameterization, every layer with the same ``W_std`` and ``b_std``.
+
+    Args:
+      x1: images ``(n1, *S, C)`` (1 or 2 spatial axes, channels last).
+      x2: like ``x1``, or None for ``x2 = x1`` (then exactly symmetric).
+      depth: convolution layers (>= 0).
+      filter_size: ``q`` per spatial axis.
+      W_std, b_std: weight and bias multipliers (``b_std = 0``: no bias).
+      activation: a registered name or an Activation with a closed form or an
+        angular (relu-family) form.
+      readout: ``"gap"`` or ``"vec"`` (flatten).
+      pixel_pairs: ``"auto"`` (diagonal pairs for vec, all for GAP), ``"all"``
+        (the full pixel-pair recursion even for vec; a cross-check) or
+        ``"diagonal"`` (vec only).
+      block_entries: about how many kernel entries (pairs x positions^2) one
+        ``lax.map`` step holds (cache-sized by default).
+
+    Returns:
+      ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the inputs' dtype.
+
+    Raises:
+      ValueError: bad shapes or options; NotImplementedError: an activation
+      with no closed form (use the layer composition, which has the Mehler
+      fallback).
+    """
+    act = get_activation(activation) if isinstance(activation, str) else activation
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; known: {', '.join(READOUTS)}")
+    if pixel_pairs not in PIXEL_PAIRS:
+        raise ValueError(f"unknown pixel_pairs {pixel_pairs!r}; known: {', '.join(PIXEL_PAIRS)}")
+    if pixel_pairs == "diagonal" and readout == "gap":
+        raise ValueError("the GAP readout needs all pixel pairs; use pixel_pairs='auto' or 'all'")
+    key = dual_key(act)  # raises NotImplementedError early
+    sym = x2 is None
+    x1 = jnp.asarray(x1)
+    x2 = x1 if sym else jnp.asarray(x2)
+    if x1.ndim not in (3, 4) or x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(f"conv_stack_kernel needs images (n, *S, C) with 1 or 2 spatial axes "
+                         f"and equal shapes, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if not jnp.issubdtype(x1.dtype, jnp.floating):
+        x1 = x1.astype(jnp.result_type(float))
+    dt = jnp.promote_types(x1.dtype, x2.dtype)
+    x1, x2 = x1.astype(dt), x2.astype(dt)
+    full = readout == "gap" or pixel_pairs == "all"
+    N = math.prod(x1.shape[1:-1])
+    per_pair = N * N if full else N
+    block = max(1, int(block_entries) // per_pair)
+    ja, jb = _pair_blocks(x1.shape[0], x2.shape[0], sym, block)
+    return _kernel(x1, x2, ja, jb, depth=int(depth), q=int(filter_size), W_std=float(W_std),
+                   b_std=float(b_std), act=key, full=full, vec=readout == "vec", sym=sym)
+
+
+def cnn_kernel(spec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kernel:
     """Infinite-width NNGP and NTK (CNTK) of the CNN ``spec``, for a scalar output.
 
     Args:
@@ -142,40 +352,33 @@ def cnn_kernel(spec: CNNSpec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kern
       x1: inputs ``(n1, *image_shape, C)`` or flat ``(n1, N * C)`` (channels last).
       x2: inputs ``(n2, ...)`` like ``x1``, or None for ``x2 = x1`` (then the
         result is exactly symmetric).
-      pixel_pairs: ``"auto"`` (diagonal pairs for ``readout="vec"``, all pairs
-        for ``"gap"``), ``"diagonal"`` (vec only), or ``"all"`` (compute the
-        full pixel-pair kernel even for vec; slower, used as a cross-check).
+      pixel_pairs: see :func:`conv_stack_kernel`.
 
     Returns:
       ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the dtype of the inputs.
 
-    Raises:
-      ValueError: bad shapes or options; NotImplementedError if the activation
-      has no closed-form dual maps.
+    Activations with no closed form (tanh, softplus, a user's own) go through
+    the layer composition ``spec.layers()`` and its Mehler fallback.
     """
-    if not isinstance(spec, CNNSpec):
-        raise TypeError(f"cnn_kernel needs a CNNSpec, got {type(spec).__name__}")
+    for attr in ("images", "layers", "act", "readout"):
+        if not hasattr(spec, attr):
+            raise TypeError(f"cnn_kernel needs a CNNSpec, got {type(spec).__name__}")
     if pixel_pairs not in PIXEL_PAIRS:
         raise ValueError(f"unknown pixel_pairs {pixel_pairs!r}; known: {', '.join(PIXEL_PAIRS)}")
     if pixel_pairs == "diagonal" and spec.readout == "gap":
         raise ValueError("the GAP readout needs all pixel pairs; use pixel_pairs='auto' or 'all'")
-    if not spec.act.has_closed_form:
-        raise NotImplementedError(
-            f"activation {spec.activation!r} has no closed-form dual maps, so the "
-            "analytic CNN kernel is not available for it"
-        )
     sym = x2 is None
-    x1 = _as_float(as_images(spec, x1))
-    spec = spec.resolve(x1.shape[1:])
-    x2 = x1 if sym else _as_float(as_images(spec, x2, x1.shape[-1]))
-    if x1.dtype != x2.dtype:
-        dt = jnp.promote_types(x1.dtype, x2.dtype)
-        x1, x2 = x1.astype(dt), x2.astype(dt)
-    full = spec.readout == "gap" or pixel_pairs == "all"
-    return _cnn_kernel(spec, x1, x2, full, sym)
+    x1 = spec.images(x1)
+    x2 = None if sym else spec.images(x2, x1.shape[-1])
+    act = spec.act
+    if act.angular is None and not act.has_closed_form:
+        from ntkexp.layers.network import composition_kernel
+
+        return composition_kernel(spec.layers(), x1, x2)
+    return conv_stack_kernel(x1, x2, depth=spec.depth, filter_size=spec.filter_size,
+                             W_std=spec.W_std, b_std=spec.b_std, activation=act,
+                             readout=spec.readout, pixel_pairs=pixel_pairs)
 
 
-def _as_float(x: Array) -> Array:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return x.astype(jnp.result_type(float))
-    return x
+__all__ = ["cnn_kernel", "conv_stack_kernel", "dual_key", "patch_mean", "relu_family_duals",
+           "self_variances"]

@@ -20,47 +20,15 @@ both kernels simply add along the skip connection.
 
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
-
 from ntkexp.kernels.base import Kernel
-from ntkexp.models.resmlp import ResMLPSpec
-
-Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "sym"))
-def _resmlp_kernel(spec: ResMLPSpec, x1: Array, x2: Array, sym: bool) -> Kernel:
-    act = spec.act
-    w2, b2, a2 = spec.W_std**2, spec.b_std**2, spec.alpha**2
-    d = x1.shape[1]
-    q1 = w2 * jnp.sum(x1 * x1, axis=1) / d + b2
-    q2 = w2 * jnp.sum(x2 * x2, axis=1) / d + b2
-    sigma = w2 * jnp.matmul(x1, x2.T, precision=jax.lax.Precision.HIGHEST) / d + b2
-    theta = sigma
-
-    def dense_after_act(q1, s, q2, th):
-        Q1, Q2 = q1[:, None], q2[None, :]
-        s_new = w2 * act.T(Q1, s, Q2) + b2
-        th_new = s_new + w2 * act.Tdot(Q1, s, Q2) * th
-        return (w2 * act.T(q1, q1, q1) + b2, s_new, w2 * act.T(q2, q2, q2) + b2, th_new)
-
-    for _ in range(spec.depth):
-        p1, s1, p2, h1 = dense_after_act(q1, sigma, q2, theta)
-        r1, s2, r2, h2 = dense_after_act(p1, s1, p2, h1)
-        sigma, theta = sigma + a2 * s2, theta + a2 * h2
-        q1, q2 = q1 + a2 * r1, q2 + a2 * r2
-    _, nngp, _, ntk = dense_after_act(q1, sigma, q2, theta)
-    if sym:
-        nngp = (nngp + nngp.T) / 2
-        ntk = (ntk + ntk.T) / 2
-    return Kernel(nngp, ntk)
-
-
-def resmlp_kernel(spec: ResMLPSpec, x1, x2=None) -> Kernel:
+def resmlp_kernel(spec, x1, x2=None) -> Kernel:
     """Infinite-width NNGP and NTK of the residual MLP ``spec`` (scalar output).
+
+    The limit of the composition ``spec.layers()`` (:mod:`ntkexp.layers`): the
+    recursion above, for any registered activation (closed form, angular or
+    Mehler fallback).
 
     Args:
       spec: a :class:`~ntkexp.models.resmlp.ResMLPSpec` (its ``width`` is ignored).
@@ -70,28 +38,22 @@ def resmlp_kernel(spec: ResMLPSpec, x1, x2=None) -> Kernel:
     Returns:
       ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the dtype of the inputs.
     """
-    if not isinstance(spec, ResMLPSpec):
+    from ntkexp.layers.network import composition_kernel
+
+    layers = getattr(spec, "layers", None)
+    if not callable(layers) or type(spec).__name__ != "ResMLPSpec":
         raise TypeError(f"resmlp_kernel needs a ResMLPSpec, got {type(spec).__name__}")
-    if not spec.act.has_closed_form:
-        raise NotImplementedError(
-            f"activation {spec.activation!r} has no closed-form dual maps, so the "
-            "analytic ResMLP kernel is not available for it"
-        )
-    sym = x2 is None
     x1 = _as_matrix(x1, "x1")
-    x2 = x1 if sym else _as_matrix(x2, "x2")
-    if x1.shape[1] != x2.shape[1]:
+    x2 = None if x2 is None else _as_matrix(x2, "x2")
+    if x2 is not None and x1.shape[1] != x2.shape[1]:
         raise ValueError(f"x1 has {x1.shape[1]} features but x2 has {x2.shape[1]}")
-    if x1.dtype != x2.dtype:
-        dt = jnp.promote_types(x1.dtype, x2.dtype)
-        x1, x2 = x1.astype(dt), x2.astype(dt)
-    return _resmlp_kernel(spec, x1, x2, sym)
+    return composition_kernel(layers(), x1, x2)
 
 
-def _as_matrix(x, name: str) -> Array:
+def _as_matrix(x, name: str):
+    import jax.numpy as jnp
+
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
     return x

@@ -98,6 +98,33 @@ def two_layer_relu_ntk_sphere(u) -> Array:
     return u * k0 + k1
 
 
+def two_layer_relu_kernel(x1, x2=None, *, kappa: float = 1.0):
+    """``Kernel(nngp, ntk)`` of ``f = (1/sqrt m) sum_r a_r relu(w_r.x)``, first layer trained.
+
+    The one copy of the two-layer limit (Du et al. 2019, eq. 3.1; Arora et al.
+    2019, eq. 4): ``ntk = H^inf = <x, x'> (pi - theta) / (2 pi)`` (independent of
+    ``kappa``: the indicator is scale invariant) and ``nngp = kappa^2 |x||x'|
+    (sin theta + (pi - theta) cos theta) / (2 pi)`` (Cho & Saul 2009), ``w_r ~
+    N(0, kappa^2 I)``, ``theta`` the angle between ``x`` and ``x'``. Computed by
+    the depth-1, bias-free ReLU recursion of :mod:`ntkexp.kernels.analytic` on
+    inputs scaled by ``sqrt(d)`` (``nngp_rec = E[relu(w.x) relu(w.x')]``,
+    ``ntk_rec - nngp_rec = H^inf``), so it has the exact-angle treatment, no
+    NaN for zero rows, and is exactly symmetric for ``x2=None``.
+
+    Args:
+      x1: ``(n1, d)``; x2: ``(n2, d)`` or None; kappa: first-layer weight scale.
+    """
+    from ntkexp.kernels.base import Kernel
+
+    x1 = jnp.asarray(x1)
+    if x1.ndim != 2:
+        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
+    spec = MLPSpec(depth=1, width=1, activation="relu", W_std=1.0, b_std=0.0)
+    s = math.sqrt(x1.shape[1])
+    k = analytic_kernel(spec, x1 * s, None if x2 is None else jnp.asarray(x2) * s)
+    return Kernel(kappa**2 * k.nngp, k.ntk - k.nngp)
+
+
 def du_gram(x1, x2=None) -> Array:
     """Du et al. (2019, eq. 3) Gram matrix ``H_ij = x_i.x_j (pi - arccos(x_i.x_j)) / (2 pi)``.
 
@@ -105,9 +132,7 @@ def du_gram(x1, x2=None) -> Array:
     ``a_r = +-1`` fixed, ``w_r ~ N(0, I)``:
     ``H(x, x') = <x, x'> E[1{w.x > 0} 1{w.x' > 0}]``. For unit-norm inputs this is
     the formula above; for other norms the angle between ``x`` and ``x'`` is used
-    (the same expectation). Computed as ``ntk - nngp`` of the general recursion
-    (depth 1, ``W_std = 1``, no bias, inputs scaled by ``sqrt(d)``), so it has
-    the exact-angle treatment and is exactly symmetric for ``x2=None``.
+    (the same expectation). The ``ntk`` of :func:`two_layer_relu_kernel`.
 
     Args:
       x1: ``(n1, d)``; x2: ``(n2, d)`` or None.
@@ -115,10 +140,4 @@ def du_gram(x1, x2=None) -> Array:
     Returns:
       ``H`` of shape ``(n1, n2)``.
     """
-    x1 = jnp.asarray(x1)
-    if x1.ndim != 2:
-        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
-    spec = MLPSpec(depth=1, width=1, activation="relu", W_std=1.0, b_std=0.0)
-    s = math.sqrt(x1.shape[1])
-    k = analytic_kernel(spec, x1 * s, None if x2 is None else jnp.asarray(x2) * s)
-    return k.ntk - k.nngp
+    return two_layer_relu_kernel(x1, x2).ntk

@@ -2,7 +2,8 @@
 
 Built in (names used as ``model.arch`` in a config): ``mlp``
 (:mod:`ntkexp.models.mlp`), ``two_layer_relu`` (:mod:`ntkexp.models.two_layer`),
-``cnn`` (:mod:`ntkexp.models.cnn`) and ``resmlp`` (:mod:`ntkexp.models.resmlp`),
+``cnn`` (:mod:`ntkexp.models.cnn`), ``resmlp`` (:mod:`ntkexp.models.resmlp`) and
+``layers`` (:mod:`ntkexp.models.layered`: a layer list written in the config),
 each with its analytic infinite-width kernel. A plugin registers more with
 :func:`register_architecture` (see ``docs/extending.md``).
 """
@@ -26,9 +27,10 @@ def _build_mlp(spec: MLPSpec, in_dim: int, key, dtype=None):
 
 
 def _mlp_analytic(spec: MLPSpec, x1, x2=None):
-    from ntkexp.kernels import analytic_kernel
+    # the composition's limit; a dense stack is routed to the exact MLP recursion
+    from ntkexp.layers.network import composition_kernel
 
-    return analytic_kernel(spec, x1, x2)
+    return composition_kernel(spec.layers(), x1, x2)
 
 
 register_architecture("mlp", make_spec=MLPSpec, analytic=_mlp_analytic)(_build_mlp)
@@ -36,4 +38,4 @@ register_architecture("mlp", make_spec=MLPSpec, analytic=_mlp_analytic)(_build_m
 
 # The other built-in architectures register themselves on import (after "mlp",
 # so that ntkexp.kernels, which imports ntkexp.models.mlp, finds it complete).
-from ntkexp.models import cnn, resmlp, two_layer  # noqa: E402, F401, I001  (registration)
+from ntkexp.models import cnn, layered, resmlp, two_layer  # noqa: E402, F401, I001  (registration)

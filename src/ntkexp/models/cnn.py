@@ -28,8 +28,17 @@ NTK parameterization (Jacot et al. 2018; Arora et al. 2019, eq. 7 with
             r = flatten(a^depth)  (F = N * C)  or  mean_i a^depth_i  (F = C).
 
 ``b_std = 0`` means no biases. The padded zeros count in the fan-in ``P * C``,
-exactly as in Arora et al.'s code (``/9`` for every 3x3 patch). The analytic
-infinite-width kernels are in :mod:`ntkexp.kernels.cnn`.
+exactly as in Arora et al.'s code (``/9`` for every 3x3 patch).
+
+One source of truth: the network is the layer composition
+:meth:`CNNSpec.layers` (:class:`~ntkexp.layers.conv.Conv`, the activation
+layer, :class:`~ntkexp.layers.pool.GlobalAvgPool` or flatten,
+:class:`~ntkexp.layers.dense.Dense`); the finite forward pass below calls those
+layers' ``apply`` (keeping this module's parameter pytree), and the analytic
+kernel is the composition's limit (:func:`ntkexp.layers.network.composition_kernel`,
+which runs the fused map of :mod:`ntkexp.kernels.cnn` for this stack and the
+generic per-layer maps, with the Mehler fallback, for activations without a
+closed form).
 
 Parameters as a pytree: ``{"convs": {h: {"W": (q, [q,] C_in, C_out), "b": (C_out,)}},
 "readout": {"W": (F, out_dim), "b": (out_dim,)}}`` (``"b"`` absent when
@@ -187,6 +196,30 @@ class CNNSpec(SpecActivationMixin):
     def replace(self, **changes) -> CNNSpec:
         return dataclasses.replace(self, **changes)
 
+    def images(self, x, c_in: int | None = None) -> Array:
+        """Inputs as images ``(n, *image_shape, C)`` (see :func:`as_images`)."""
+        return as_images(self, x, c_in)
+
+    def conv_layer(self):
+        """One hidden layer's :class:`~ntkexp.layers.conv.Conv` (stride 1, SAME)."""
+        from ntkexp.layers.conv import Conv
+
+        return Conv(self.width, self.filter_size, 1, "SAME", self.W_std, self.b_std, "ntk")
+
+    def layers(self):
+        """The network as a layer composition: ``[conv, act] * depth``, pool, ``Dense(out_dim)``."""
+        from ntkexp.layers.activation import Activation
+        from ntkexp.layers.combinators import serial
+        from ntkexp.layers.dense import Dense
+        from ntkexp.layers.pool import GlobalAvgPool
+        from ntkexp.layers.reshape import Flatten
+
+        act = Activation(self.activation, self.activation_params)
+        body = [lay for _ in range(self.depth) for lay in (self.conv_layer(), act)]
+        pool = GlobalAvgPool() if self.readout == "gap" else Flatten()
+        return serial(*body, pool, Dense(self.out_dim, self.W_std, self.b_std, "ntk",
+                                         readout=True))
+
 
 def as_images(spec: CNNSpec, x, c_in: int | None = None) -> Array:
     """Reshape inputs to ``(n, *image_shape, C)``; flat ``(n, N*C)`` is channels last.
@@ -231,20 +264,15 @@ def conv_dimension_numbers(k: int) -> tuple[str, str, str]:
 def conv(spec: CNNSpec, a: Array, W: Array) -> Array:
     """``W_std / sqrt(P C_in) * conv(W, a)`` with 'SAME' zero padding, stride 1.
 
+    The :class:`~ntkexp.layers.conv.Conv` layer's forward pass (no bias).
+
     Args:
       a: ``(n, *image_shape, C_in)``; W: ``(q, [q,] C_in, C_out)``.
 
     Returns:
       ``(n, *image_shape, C_out)``.
     """
-    k = spec.n_spatial
-    c_in = W.shape[-2]
-    z = jax.lax.conv_general_dilated(
-        a, W, window_strides=(1,) * k, padding=(spec.pad,) * k,
-        dimension_numbers=conv_dimension_numbers(k),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return (spec.W_std / math.sqrt(spec.patch_size * c_in)) * z
+    return spec.conv_layer().apply({"W": W}, a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,9 +281,60 @@ class CNNApply:
 
     Hashable (safe as a static jit argument). ``x`` is ``(n, *image_shape, C)``
     or flat ``(n, N * C)`` (channels last).
+
+    The network is the composition :meth:`CNNSpec.layers`; this record keeps the
+    CNN's parameter layout (``convs`` / ``readout``) and maps it onto the
+    composition's (:meth:`to_layer_params`) for the model protocol: the
+    structured empirical NTK (conv layers from their inputs' patches and
+    backward vectors, :meth:`ntkexp.layers.conv.Conv.structured_ntk`) and the
+    diagnostics are the composition's.
     """
 
     spec: CNNSpec
+
+    def to_layer_params(self, params):
+        """``{"convs", "readout"}`` -> the composition's ``{i: ...}`` layout (no copy)."""
+        out = {}
+        for h in range(self.spec.depth):
+            out[2 * h] = params["convs"][h]
+            out[2 * h + 1] = {}
+        out[2 * self.spec.depth] = {}
+        out[2 * self.spec.depth + 1] = params["readout"]
+        return out
+
+    def _net(self, params, x):
+        from ntkexp.layers.network import Network
+
+        convs = params["convs"]
+        c_in = convs[0]["W"].shape[-2] if self.spec.depth else None
+        a = as_images(self.spec, x, c_in).astype(params["readout"]["W"].dtype)
+        spec = self.spec.resolve(a.shape[1:])
+        return Network(spec.layers(), tuple(a.shape[1:])), self.to_layer_params(params), a
+
+    @property
+    def structured_available(self) -> bool:
+        return True
+
+    def structure_features(self, params, x: Array):
+        net, p, a = self._net(params, x)
+        return net.structure_features(p, a)
+
+    def structure_pair(self, f1, f2, *, full: bool):
+        (in1, bk1), (in2, bk2) = f1, f2
+        layers = [la for la in self.spec.layers().layers if la.has_params]
+        K = None
+        for la, a1, a2, b1, b2 in zip(layers, in1, in2, bk1, bk2, strict=True):
+            term = la.structured_ntk(a1, a2, b1, b2, full=full)
+            K = term if K is None else K + term
+        return K
+
+    def preactivations(self, params, x: Array):
+        net, p, a = self._net(params, x)
+        return net.preactivations(p, a)
+
+    def readout_features(self, params, x: Array):
+        net, p, a = self._net(params, x)
+        return net.readout_features(p, a)
 
     def __call__(self, params, x: Array) -> Array:
         spec = self.spec
@@ -269,12 +348,9 @@ class CNNApply:
         a = as_images(spec, x, c_in).astype(ro["W"].dtype)
         spec = spec.resolve(a.shape[1:])
         act = spec.act
+        layer = spec.conv_layer()
         for h in range(spec.depth):
-            p = convs[h]
-            z = conv(spec, a, p["W"])
-            if "b" in p:
-                z = z + spec.b_std * p["b"].reshape((1,) * (z.ndim - 1) + (-1,))
-            a = act.fn(z)
+            a = act.fn(layer.apply(convs[h], a))
         n = a.shape[0]
         if spec.readout == "gap":
             r = jnp.mean(a, axis=tuple(range(1, spec.n_spatial + 1)))
@@ -348,9 +424,13 @@ def _build_cnn(spec: CNNSpec, in_dim, key, dtype=None):
 
 
 def _cnn_analytic(spec: CNNSpec, x1, x2=None):
-    from ntkexp.kernels.cnn import cnn_kernel
+    """The limit of :meth:`CNNSpec.layers` (no import of a kernel module)."""
+    from ntkexp.layers.network import composition_kernel
 
-    return cnn_kernel(spec, x1, x2)
+    x1 = as_images(spec, x1)
+    spec = spec.resolve(x1.shape[1:])
+    x2 = None if x2 is None else as_images(spec, x2, x1.shape[-1])
+    return composition_kernel(spec.layers(), x1, x2)
 
 
 def _register() -> None:

@@ -1,8 +1,12 @@
 """Fully connected networks in NTK and standard parameterization (Flax NNX).
 
 Architecture (``MLPSpec``): ``depth`` hidden layers, each Dense(width) followed by
-the activation, then Dense(out_dim). Jacot et al. (2018) count layers including
-the output, so their "L = 4" is ``depth=3``.
+the activation, then Dense(out_dim): the layer composition :func:`mlp_layers`
+(:mod:`ntkexp.layers`). :class:`MLPApply` is that composition's dense-stack
+fast path (hand-written vjp, structured NTK, the exact-angle recursion of
+:mod:`ntkexp.kernels.analytic`), with the same parameter draw and layout.
+Jacot et al. (2018) count layers including the output, so their "L = 4" is
+``depth=3``.
 
 Parameterizations (Jacot et al. 2018, eq. 1; Lee et al. 2020, section 2), with
 ``a`` the layer input of width ``n_in``:
@@ -79,6 +83,10 @@ class MLPSpec(SpecActivationMixin):
                 f"known: {', '.join(PARAMETERIZATIONS)}"
             )
         _ = self.act  # validates the activation name and its parameters
+
+    def layers(self):
+        """This MLP as a layer composition ``serial(dense, act, ..., dense(out))``."""
+        return mlp_layers(self)
 
     def layer_dims(self, in_dim: int) -> list[tuple[int, int]]:
         """``[(n_in, n_out)]`` for the ``depth + 1`` dense layers."""
@@ -308,6 +316,94 @@ class MLPApply:
             w_mults.append(wm)
             b_mults.append(bm if "b" in p else 0.0)
         return MLPStructure(out, tuple(inputs), backward, tuple(w_mults), tuple(b_mults))
+
+
+    # ---- model protocol (structured NTK, diagnostics); see ntkexp.layers.network ----
+    def structure_features(self, params, x: Array):
+        """``(inputs, backward)`` of :meth:`structure` (the structured-NTK protocol)."""
+        st = self.structure(params, x)
+        return tuple(st.inputs), tuple(st.backward)
+
+    def structure_pair(self, f1, f2, *, full: bool) -> Array:
+        """Structured NTK block (Jacot et al. 2018, eq. 1; see ``MLPStructure``)::
+
+            Theta_ab(x, x') = sum_h (w_h^2 <a_h(x), a_h(x')> + beta_h^2) <b_h,a(x), b_h,b(x')>.
+
+        Returns ``(n1, n2)`` (traced over outputs) or ``(n1, n2, out, out)``.
+        """
+        (inputs1, back1), (inputs2, back2) = f1, f2
+        spec = self.spec
+        L = len(inputs1) - 1
+        out_dim = spec.out_dim
+        K = None
+        for h in range(L + 1):
+            w_mult, b_mult = layer_scales(spec, inputs1[h].shape[-1])
+            c = (w_mult**2) * (inputs1[h] @ inputs2[h].T)
+            if spec.has_bias:
+                c = c + b_mult**2
+            if h < L:
+                u, v = back1[h], back2[h]  # (m, out, width)
+                if full:
+                    term = c[:, :, None, None] * jnp.einsum("iaw,jbw->ijab", u, v)
+                else:
+                    term = c * (u.reshape(u.shape[0], -1) @ v.reshape(v.shape[0], -1).T)
+            elif full:
+                eye = jnp.eye(out_dim, dtype=c.dtype)
+                term = c[:, :, None, None] * eye[None, None]
+            else:
+                term = out_dim * c
+            K = term if K is None else K + term
+        return K
+
+    @property
+    def structured_available(self) -> bool:
+        return True
+
+    def readout_features(self, params, x: Array):
+        """``(a, w2, b2)``: last hidden features ``(n, width)`` and the readout's
+        ``W_std^2 / fan_in``, ``b_std^2`` (the empirical NNGP, Lee et al. 2018)."""
+        a = self.forward(params, x)[1][-1]
+        return a, self.spec.W_std**2 / a.shape[-1], self.spec.b_std**2
+
+    def preactivations(self, params, x: Array) -> list[Array]:
+        """Hidden pre-activations ``[(n, width)] * depth`` (pattern-flip diagnostics)."""
+        spec = self.spec
+        layers = params["layers"]
+        a = jnp.asarray(x).astype(layers[0]["W"].dtype)
+        zs = []
+        for h in range(spec.depth):
+            z = _pre_activation(spec, layers[h], a, jnp.matmul)
+            zs.append(z)
+            a = spec.act.fn(z)
+        return zs
+
+    @property
+    def has_hidden_units(self) -> bool:
+        return self.spec.depth >= 1
+
+    def hidden_weights(self, params):
+        """Incoming weights ``(width, d)`` of the first hidden layer, or None for depth 0."""
+        if self.spec.depth < 1:
+            return None
+        return params["layers"][0]["W"].T
+
+    def layers(self):
+        """This MLP as a layer composition (:mod:`ntkexp.layers`)."""
+        return mlp_layers(self.spec)
+
+
+def mlp_layers(spec: MLPSpec):
+    """The MLP as ``serial(dense, act, ..., dense(out))`` (same parameters' draw order)."""
+    from ntkexp.layers.activation import Activation
+    from ntkexp.layers.combinators import serial
+    from ntkexp.layers.dense import Dense
+
+    kw = dict(W_std=spec.W_std, b_std=spec.b_std, parameterization=spec.parameterization)
+    ls = []
+    for _ in range(spec.depth):
+        ls += [Dense(spec.width, **kw), Activation(spec.activation, spec.activation_params)]
+    ls.append(Dense(spec.out_dim, readout=True, **kw))
+    return serial(*ls)
 
 
 class MLPStructure(NamedTuple):

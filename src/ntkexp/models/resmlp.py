@@ -25,7 +25,6 @@ Parameters as a pytree: ``{"inp": {"W": (d, n), "b": (n,)}, "blocks": {b: {"l1":
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -77,21 +76,42 @@ class ResMLPSpec(SpecActivationMixin):
     def replace(self, **changes) -> ResMLPSpec:
         return dataclasses.replace(self, **changes)
 
-
-def _dense(spec: ResMLPSpec, p, a: Array) -> Array:
-    z = (spec.W_std / math.sqrt(p["W"].shape[0])) * (a @ p["W"])
-    if "b" in p:
-        z = z + spec.b_std * p["b"][None, :]
-    return z
+    def layers(self):
+        """This network as a layer composition (:func:`resmlp_layers`)."""
+        return resmlp_layers(self)
 
 
 @dataclasses.dataclass(frozen=True)
 class ResMLPApply:
-    """Pure ``apply_fn(params, x) -> (n, out_dim)`` for a :class:`ResMLPSpec` (hashable)."""
+    """Pure ``apply_fn(params, x) -> (n, out_dim)`` for a :class:`ResMLPSpec` (hashable).
+
+    The network is the layer composition :func:`resmlp_layers`; this record keeps
+    the ResMLP's own parameter layout (``inp`` / ``blocks`` / ``out``) and maps it
+    onto the composition's (:meth:`to_layer_params`), so it shares the
+    composition's forward pass, structured empirical NTK and diagnostics.
+    """
 
     spec: ResMLPSpec
 
-    def __call__(self, params, x: Array) -> Array:
+    @property
+    def network(self):
+        """The :class:`~ntkexp.layers.Network` of the composition (input shape from params)."""
+        from ntkexp.layers.network import Network
+
+        return lambda in_dim: Network(resmlp_layers(self.spec), (in_dim,))
+
+    def to_layer_params(self, params):
+        """``{"inp", "blocks", "out"}`` -> the composition's ``{i: ...}`` layout (no copy)."""
+        blocks = params["blocks"]
+        out = {0: params["inp"]}
+        for b in range(self.spec.depth):
+            blk = blocks[b]
+            out[1 + b] = {0: {}, 1: {0: {}, 1: blk["l1"], 2: {}, 3: blk["l2"]}}
+        out[self.spec.depth + 1] = {}
+        out[self.spec.depth + 2] = params["out"]
+        return out
+
+    def _net(self, params, x):
         spec = self.spec
         blocks = params["blocks"]
         if len(blocks) != spec.depth:
@@ -102,12 +122,49 @@ class ResMLPApply:
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"inputs must have shape (n, {d}), got {tuple(x.shape)}")
-        phi = spec.act.fn
-        h = _dense(spec, params["inp"], x.astype(params["inp"]["W"].dtype))
-        for b in range(spec.depth):
-            p = blocks[b]
-            h = h + spec.alpha * _dense(spec, p["l2"], phi(_dense(spec, p["l1"], phi(h))))
-        return _dense(spec, params["out"], phi(h))
+        return self.network(d), self.to_layer_params(params), x
+
+    def __call__(self, params, x: Array) -> Array:
+        net, p, x = self._net(params, x)
+        return net(p, x)
+
+    # ---- model protocol (delegated to the composition) ----
+    def structure_features(self, params, x: Array):
+        net, p, x = self._net(params, x)
+        return net.structure_features(p, x)
+
+    def structure_pair(self, f1, f2, *, full: bool):
+        d = f1[0][0].shape[-1]
+        return self.network(d).structure_pair(f1, f2, full=full)
+
+    def preactivations(self, params, x: Array):
+        net, p, x = self._net(params, x)
+        return net.preactivations(p, x)
+
+    def hidden_weights(self, params):
+        return params["inp"]["W"].T
+
+    def readout_features(self, params, x: Array):
+        net, p, x = self._net(params, x)
+        return net.readout_features(p, x)
+
+
+def resmlp_layers(spec: ResMLPSpec):
+    """The ResMLP as a layer composition::
+
+        serial(dense(n), residual(act, dense(n), act, dense(n), scale=alpha) x depth,
+               act, dense(out_dim))
+    """
+    from ntkexp.layers.activation import Activation
+    from ntkexp.layers.combinators import residual, serial
+    from ntkexp.layers.dense import Dense
+
+    kw = dict(W_std=spec.W_std, b_std=spec.b_std)
+    act = Activation(spec.activation, spec.activation_params)
+    blocks = [residual(act, Dense(spec.width, **kw), act, Dense(spec.width, **kw),
+                       scale=spec.alpha) for _ in range(spec.depth)]
+    return serial(Dense(spec.width, **kw), *blocks, act,
+                  Dense(spec.out_dim, readout=True, **kw))
 
 
 class _Dense(nnx.Module):
@@ -161,9 +218,9 @@ def _build_resmlp(spec: ResMLPSpec, in_dim: int, key, dtype=None):
 
 
 def _resmlp_analytic(spec: ResMLPSpec, x1, x2=None):
-    from ntkexp.kernels.resmlp import resmlp_kernel
+    from ntkexp.layers.network import composition_kernel
 
-    return resmlp_kernel(spec, x1, x2)
+    return composition_kernel(resmlp_layers(spec), x1, x2)
 
 
 def _register() -> None:

@@ -54,6 +54,24 @@ class TwoLayerSpec:
             raise ValueError(f"TwoLayerSpec.kappa must be a finite number > 0, got {k!r}")
         object.__setattr__(self, "kappa", float(k))
 
+    def layers(self, in_dim: int):
+        """The net as a layer composition for inputs of dimension ``in_dim``::
+
+            serial(dense(m, W_std=kappa sqrt(d), standard), relu, frozen(dense(1)))
+
+        (standard parameterization: ``w_r ~ N(0, kappa^2 I)`` is the trained
+        parameter itself; the readout ``a / sqrt(m)`` is frozen. The finite
+        :class:`TwoLayerApply` draws ``a`` uniform on ``{-1, +1}``; the limit
+        is the same.)
+        """
+        from ntkexp.layers.activation import Activation
+        from ntkexp.layers.combinators import frozen, serial
+        from ntkexp.layers.dense import Dense
+
+        return serial(Dense(self.width, W_std=self.kappa * math.sqrt(in_dim),
+                            parameterization="standard"),
+                      Activation("relu"), frozen(Dense(1, readout=True)))
+
 
 @dataclasses.dataclass(frozen=True)
 class TwoLayerApply:
@@ -104,24 +122,36 @@ def init_two_layer(spec: TwoLayerSpec, in_dim: int, key: Array, dtype=None):
 def two_layer_kernel(spec: TwoLayerSpec, x1, x2=None) -> Kernel:
     """Infinite-width ``Kernel(nngp, ntk)`` of the two-layer net (first layer trained).
 
-    ``ntk = x.x' (pi - theta) / (2 pi)`` (Du et al. 2019, H^inf) and
+    ``ntk = x.x' (pi - theta) / (2 pi)`` (Du et al. 2019, H^inf; the one copy is
+    :func:`ntkexp.kernels.special.two_layer_relu_kernel`) and
     ``nngp = E[f(x) f(x')] = kappa^2 |x||x'| (sin theta + (pi - theta) cos theta) / (2 pi)``
     (Cho & Saul 2009, arc-cosine kernel of degree 1), ``theta`` the angle
-    between ``x`` and ``x'``. Zero-norm inputs give zero rows (no NaN).
+    between ``x`` and ``x'``. Zero-norm inputs give zero rows (no NaN). Equal
+    to the limit of the composition :meth:`TwoLayerSpec.layers`.
     """
-    # The depth-1, bias-free ReLU recursion on inputs scaled by sqrt(d) has
-    # nngp = E[relu(w.x) relu(w.x')] and ntk - nngp = H^inf (ntkexp.kernels.du_gram),
-    # with exact angles near cos = +-1 and an exactly symmetric result for x2=None.
-    from ntkexp.kernels.analytic import analytic_kernel
-    from ntkexp.models.mlp import MLPSpec
+    from ntkexp.kernels.special import two_layer_relu_kernel
 
-    x1 = jnp.asarray(x1)
-    if x1.ndim != 2:
-        raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
-    scale = math.sqrt(x1.shape[1])
-    k = analytic_kernel(MLPSpec(depth=1, width=1, activation="relu"), x1 * scale,
-                        None if x2 is None else jnp.asarray(x2) * scale)
-    return Kernel(spec.kappa**2 * k.nngp, k.ntk - k.nngp)
+    return two_layer_relu_kernel(x1, x2, kappa=spec.kappa)
+
+
+def empirical_gram(W, x):
+    """Finite-width Gram matrix of the two-layer net (Du et al. 2019, eq. 3.2; Arora et al. 2019).
+
+    ``H(W)_ij = (x_i . x_j / m) sum_r 1{w_r . x_i > 0} 1{w_r . x_j > 0}``: the
+    empirical NTK of the first layer, formed in ``O(n^2 m)`` without the
+    ``(n, d m)`` Jacobian; exactly symmetric. Its limit is
+    :func:`ntkexp.kernels.special.du_gram` (H^inf).
+
+    Args:
+      W: ``(d, m)`` first-layer weights (columns are ``w_r``).
+      x: ``(n, d)`` inputs.
+
+    Returns:
+      ``(n, n)``.
+    """
+    act = (x @ W > 0).astype(x.dtype)
+    H = (x @ x.T) * (act @ act.T) / W.shape[1]
+    return 0.5 * (H + H.T)
 
 
 def _build_two_layer(spec: TwoLayerSpec, in_dim: int, key, dtype=None):
