@@ -89,14 +89,15 @@ def test_tiled_empirical_ntk_equals_untiled(sym):
         assert np.array_equal(k, k.T)
 
 
+@pytest.mark.slow  # compile-bound (~20 s); the same row-separability as the empirical NTK
 def test_tiled_monte_carlo_equals_untiled():
     from ntkexp.empirical import monte_carlo_kernel
 
     x = _x(10, 3, 6)
     key = jax.random.key(3)
-    fn = MonteCarloTiles(MLP, n_samples=3, width=8)
-    k = tiled_kernel(fn, x, args=(key,), tile_size=4, quiet=True)
-    ref = monte_carlo_kernel(MLP, jnp.asarray(x), key=key, n_samples=3, width=8)
+    fn = MonteCarloTiles(MLP, n_samples=2, width=4)
+    k = tiled_kernel(fn, x, args=(key,), tile_size=6, quiet=True)
+    ref = monte_carlo_kernel(MLP, jnp.asarray(x), key=key, n_samples=2, width=4)
     _check(k, ref, 1e-12, True)
 
 
@@ -168,7 +169,8 @@ def test_resume_recomputes_only_unfinished_tiles(tmp_path):
     _check(k, ref, 1e-12, True)
     # a finished file is reused as is
     again = []
-    k2 = tiled_kernel(fn, x, out=out, quiet=True, on_tile=lambda d, t: again.append(d))
+    k2 = tiled_kernel(fn, x, tile_size=7, out=out, quiet=True,
+                      on_tile=lambda d, t: again.append(d))
     assert again == [] and np.array_equal(k2.ntk, k.ntk)
 
 
@@ -182,11 +184,11 @@ def test_foreign_kernel_file_is_one_error_and_left_intact(tmp_path):
     for other_fn, other_x in ((fn, _x(12, 4, 12)),
                               (analytic_tiles(MLP.replace(depth=3)), x)):
         with pytest.raises(TilingError, match="another config or other inputs"):
-            tiled_kernel(other_fn, other_x, out=out, quiet=True)
+            tiled_kernel(other_fn, other_x, tile_size=4, out=out, quiet=True)
     assert (_sha(out), _sha(out + ".manifest.json")) == before
     # the interrupted computation still resumes from its 2 tiles
     seen = []
-    tiled_kernel(fn, x, out=out, quiet=True, on_tile=lambda d, t: seen.append(t))
+    tiled_kernel(fn, x, tile_size=4, out=out, quiet=True, on_tile=lambda d, t: seen.append(t))
     assert set(seen) == {6 - 2}
 
 

@@ -299,6 +299,14 @@ def plan_tiles(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
     x2a = x1 if sym else np.asarray(x2)
     n1, n2 = x1.shape[0], x2a.shape[0]
     jfn = jax.jit(fn)
+    if tile_size is not None and memory_budget is None:
+        # a forced tile side and no budget: nothing to check, so nothing is probed
+        pair = fixed = float("nan")
+        t = min(_check_tile(tile_size), max(n1, n2))
+        s1 = jax.ShapeDtypeStruct((min(t, n1),) + x1.shape[1:], x1.dtype)
+        s2 = jax.ShapeDtypeStruct((min(t, n2),) + x2a.shape[1:], x2a.dtype)
+        _out_leaves(jax.eval_shape(jfn, s1, s2, *args))
+        return TilePlan(t, n1, n2, sym, _grid(n1, n2, t, sym), pair, fixed, 0, 0, budget)
     pair, fixed, out = _probe(jfn, x1, x2a, args)
     leaves, _ = _out_leaves(out)
     # host bytes per pair of one tile (the tile's copy plus its mirrored/transposed copy)
@@ -320,8 +328,7 @@ def plan_tiles(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
             f"needs {_fmt(cost(1))} (measured: {_fmt(fixed)} fixed + {_fmt(pair)} per pair "
             f"of inputs){extra}; raise memory_budget")
     if tile_size is not None:
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        _check_tile(tile_size)
         if cost(tile_size) > avail:
             raise TilingError(
                 f"tile_size {tile_size} needs {_fmt(cost(tile_size))} of working memory, "
@@ -338,12 +345,21 @@ def plan_tiles(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
                 hi = mid - 1
         t = lo
     t = min(t, max(n1, n2))
+    return TilePlan(t, n1, n2, sym, _grid(n1, n2, t, sym), pair, fixed, cost(t), result, budget)
+
+
+def _check_tile(tile_size) -> int:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+    return tile_size
+
+
+def _grid(n1: int, n2: int, t: int, sym: bool) -> tuple[tuple[int, int], ...]:
+    """Tile starts in grid order (row-major; upper tiles only when ``sym``)."""
     if sym:
         starts = list(range(0, n1, t))
-        tiles = tuple((a, b) for i, a in enumerate(starts) for b in starts[i:])
-    else:
-        tiles = tuple((a, b) for a in range(0, n1, t) for b in range(0, n2, t))
-    return TilePlan(t, n1, n2, sym, tiles, pair, fixed, cost(t), result, budget)
+        return tuple((a, b) for i, a in enumerate(starts) for b in starts[i:])
+    return tuple((a, b) for a in range(0, n1, t) for b in range(0, n2, t))
 
 
 # --------------------------------------------------------------------------
@@ -581,7 +597,7 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
         if stored_tile is not None and stored_tile != t:
             # resume on the grid of the finished tiles, if it fits the budget
             plan = plan_tiles(fn, x1n, None if sym else x2n, args=args,
-                              memory_budget=plan.budget, tile_size=int(stored_tile),
+                              memory_budget=memory_budget, tile_size=int(stored_tile),
                               stream=True, concurrent=len(devs) if cpu_shared else 1)
             t = plan.tile
         result = None
