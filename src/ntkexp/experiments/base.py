@@ -171,6 +171,7 @@ def unit_hash(cfg, unit: Unit) -> str:
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("distributed", None)
+    d.pop("kernels", None)  # how the limit's kernels are tiled never changes a unit
     d.pop("description", None)
     d.pop("plugins", None)
     d["model"]["width"] = unit.width
