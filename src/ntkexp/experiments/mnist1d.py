@@ -382,7 +382,8 @@ def check(cfg):
 EXPERIMENT = register_experiment(Experiment(
     name=NAME, params=Params, compute_unit=compute_unit, reference=reference,
     summarize=summarize, plot=plot,
-    unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg)) * len(ARCHS),
+    unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg))
+    * len(cfg.params.architectures),
     check=check, main_figure=NAME))
 
 __all__ = ["NAME", "PUBLISHED", "arch_spec", "compute_unit", "limit_kernels", "reference",

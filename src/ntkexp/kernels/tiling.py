@@ -596,9 +596,15 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
             multihost_utils.sync_global_devices("ntkexp-tiling-create")
         if stored_tile is not None and stored_tile != t:
             # resume on the grid of the finished tiles, if it fits the budget
-            plan = plan_tiles(fn, x1n, None if sym else x2n, args=args,
-                              memory_budget=memory_budget, tile_size=int(stored_tile),
-                              stream=True, concurrent=len(devs) if cpu_shared else 1)
+            try:
+                plan = plan_tiles(fn, x1n, None if sym else x2n, args=args,
+                                  memory_budget=memory_budget, tile_size=int(stored_tile),
+                                  stream=True, concurrent=len(devs) if cpu_shared else 1)
+            except TilingError as e:
+                raise TilingError(f"kernel file {out!r} was started with tiles of side "
+                                  f"{stored_tile}, which do not fit this memory_budget ({e}); "
+                                  "resume with a larger memory_budget (nothing was changed)") \
+                    from None
             t = plan.tile
         result = None
     else:
