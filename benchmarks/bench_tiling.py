@@ -96,9 +96,13 @@ def main(out_dir: str) -> dict:
     from benchmarks.common import write_json
 
     rows = []
+    partial = os.path.join(out_dir, "bench_tiling.partial.jsonl")
+    os.makedirs(out_dir, exist_ok=True)
     for case in CASES:
         r = run_case(case)
         rows.append(r)
+        with open(partial, "a") as f:  # a cut run keeps the cases it finished
+            f.write(json.dumps(r) + "\n")
         if "error" in r:
             print(f"{case['name']}: FAILED\n{r['error']}", flush=True)
             continue
