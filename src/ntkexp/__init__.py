@@ -38,6 +38,7 @@ from ntkexp.kernels import (
 )
 from ntkexp.kernels.cnn import cnn_kernel
 from ntkexp.kernels.resmlp import resmlp_kernel
+from ntkexp.kernels.tiling import TilingError, analytic_tiles, empirical_tiles, tiled_kernel
 from ntkexp.layers import register_layer
 from ntkexp.models import (
     ARCHITECTURES,
@@ -54,6 +55,7 @@ from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec
 from ntkexp.optim import OPTIMIZERS, gd, ngd, sgd
 from ntkexp.sharding import maybe_init_distributed, shard_ensemble, sharded_kernel, sharded_vmap
 from ntkexp.theory import (
+    SingularKernelError,
     gd_loss_curve,
     generalization_bound,
     gradient_flow,
@@ -105,6 +107,11 @@ __all__ = [
     "TwoLayerApply",
     "TwoLayerSpec",
     "cnn_kernel",
+    "SingularKernelError",
+    "TilingError",
+    "analytic_tiles",
+    "empirical_tiles",
+    "tiled_kernel",
     "gd_loss_curve",
     "maybe_init_distributed",
     "ntk_predict",

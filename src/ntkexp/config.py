@@ -525,6 +525,32 @@ class DistributedSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelsSection:
+    """``kernels:`` section: how infinite-width kernels are computed in tiles
+    (:mod:`ntkexp.kernels.tiling`).
+
+    Attributes:
+      memory_budget: bytes or a size (``"2GiB"``, ``"512MB"``) for the result held
+        in memory plus the working memory of the running tiles.
+      cache_dir: stream kernels to ``.npy`` files in this folder (resumable after
+        an interruption; a file of another config/inputs is an error), or null.
+      devices: ``default`` (one device) or ``all`` (one tile per local device).
+    """
+
+    memory_budget: str | int = "2GiB"
+    cache_dir: str | None = None
+    devices: Literal["default", "all"] = "default"
+
+    def check(self):
+        from ntkexp.kernels.tiling import parse_bytes
+
+        try:
+            parse_bytes(self.memory_budget)
+        except ValueError as e:
+            raise _bad("memory_budget", str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole, resolved config (presets and overrides already applied).
 
@@ -547,6 +573,7 @@ class RunConfig:
     description: str = ""
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+    kernels: KernelsSection = dataclasses.field(default_factory=KernelsSection)
     source: str = ""
     preset: str | None = None
 
@@ -560,7 +587,7 @@ class RunConfig:
 
 
 _TOP_KEYS = ("experiment", "seed", "dtype", "device", "plugins", "description", "model",
-             "data", "train", "params", "presets", "distributed")
+             "data", "train", "params", "presets", "distributed", "kernels")
 
 
 # --------------------------------------------------------------------------
@@ -721,8 +748,10 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
         sections[key] = from_dict(cls, data.get(key), path=key, source=source)
     sections["distributed"] = from_dict(DistributedSection, data.get("distributed"),
                                         path="distributed", source=source)
+    sections["kernels"] = from_dict(KernelsSection, data.get("kernels"), path="kernels",
+                                    source=source)
     top = {k: v for k, v in data.items()
-           if k not in ("model", "data", "train", "params", "distributed")}
+           if k not in ("model", "data", "train", "params", "distributed", "kernels")}
     top.pop("experiment")
     # reuse the schema layer for the scalar top-level keys
     scalars = from_dict(_TopLevel, top, source=source)

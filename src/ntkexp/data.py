@@ -11,6 +11,11 @@ function ``(cfg: DataConfig, key, dtype) -> Dataset``. Built in:
 * ``digits``: scikit-learn's bundled 8x8 digits (no download), pixels / 16,
   one-hot targets centred to ``0.9 / -0.1`` (Arora et al. 2019b convention);
   ``data.classes`` keeps a subset of the classes.
+* ``mnist1d``: MNIST-1D (Greydanus 2020, "Scaling down deep learning"; the
+  ``mnist1d`` package's ``make_dataset``, generated locally, no download): 4000
+  training and 1000 test signals of length 40, 10 classes, one-hot targets
+  ``0.9 / -0.1``. The generator seed is ``data.seed``, default 42 (the
+  published set, on which the paper's baselines were measured).
 * ``npz``: a user file ``data.path`` with arrays ``x_train, y_train, x_test, y_test``.
 
 Targets (``data.target``) for the synthetic datasets: ``product`` (``x1 x2``,
@@ -22,6 +27,7 @@ Users register their own with ``@register_dataset("name")`` from a plugin module
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -174,6 +180,60 @@ def _digits(cfg, key, dtype) -> Dataset:
     n, m = cfg.n_train, cfg.n_train + cfg.n_test
     xs, ys = jnp.asarray(x, dtype), jnp.asarray(onehot, dtype)
     return Dataset(xs[:n], ys[:n], xs[n:m], ys[n:m])
+
+
+MNIST1D_TRAIN, MNIST1D_TEST, MNIST1D_LENGTH = 4000, 1000, 40
+
+
+def mnist1d_arrays(seed: int = 42) -> dict[str, np.ndarray]:
+    """The MNIST-1D arrays ``x (4000, 40)``, ``y (4000,)``, ``x_test (1000, 40)``,
+    ``y_test (1000,)`` from ``mnist1d.data.make_dataset`` with its default arguments
+    (5000 signals, train split 0.8, length 40) and generator seed ``seed``.
+
+    ``make_dataset`` seeds NumPy's and Python's global generators; their states are
+    restored afterwards, so building the data changes no other random stream.
+    """
+    return {k: v.copy() for k, v in _mnist1d_cached(int(seed)).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_cached(seed: int) -> dict[str, np.ndarray]:
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:  # pragma: no cover - mnist1d is a declared dependency
+        raise DataError("dataset 'mnist1d' needs the mnist1d package (pip install mnist1d)") \
+            from None
+    args = get_dataset_args()
+    args.seed = seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+@register_dataset("mnist1d")
+def _mnist1d(cfg, key, dtype) -> Dataset:
+    if cfg.dim != MNIST1D_LENGTH:
+        raise DataError(f"dataset 'mnist1d' has signals of length {MNIST1D_LENGTH}, but "
+                        f"data.dim is {cfg.dim}")
+    if cfg.n_train > MNIST1D_TRAIN or cfg.n_test > MNIST1D_TEST:
+        raise DataError(f"mnist1d has {MNIST1D_TRAIN} training and {MNIST1D_TEST} test signals; "
+                        f"got n_train {cfg.n_train}, n_test {cfg.n_test}")
+    d = mnist1d_arrays(42 if cfg.seed is None else cfg.seed)
+
+    def onehot(labels):
+        t = np.full((len(labels), 10), -0.1)
+        t[np.arange(len(labels)), labels.astype(np.int64)] = 0.9
+        return jnp.asarray(t, dtype)
+
+    n, m = cfg.n_train, cfg.n_test
+    return Dataset(jnp.asarray(d["x"][:n], dtype), onehot(d["y"][:n]),
+                   jnp.asarray(d["x_test"][:m], dtype), onehot(d["y_test"][:m]))
 
 
 @register_dataset("npz")

@@ -4,7 +4,8 @@ Built in: ``jacot_fig1`` (NTK convergence and stability during training,
 Jacot et al. 2018, Fig. 1) and ``jacot_fig2`` (trained functions against the
 limiting Gaussian, Fig. 2), ``arora2019_finegrained``, ``du2019_fig1``,
 ``zhang2019_ngd``, ``bietti2019_spectrum``, ``lee2020_finite_vs_infinite``
-(issue 6) and ``kernel_convergence`` (empirical NTK vs its limit for any
+(issue 6), ``mnist1d_finite_vs_infinite`` (MNIST-1D, issue 12) and
+``kernel_convergence`` (empirical NTK vs its limit for any
 registered architecture, issue 7). A plugin module registers more with
 :func:`register_experiment` (see ``docs/extending.md``).
 """
@@ -17,6 +18,7 @@ from ntkexp.experiments import (  # noqa: F401  (registration)
     jacot_fig2,
     kernel_convergence,
     lee2020,
+    mnist1d,
     zhang2019,
 )
 from ntkexp.experiments.base import (

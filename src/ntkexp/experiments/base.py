@@ -248,6 +248,7 @@ def unit_hash(cfg, unit, init: int | None = None, code: Mapping | None = None) -
     d = cfg.to_dict()
     d.pop("device", None)
     d.pop("distributed", None)
+    d.pop("kernels", None)  # how the limit's kernels are tiled never changes a unit
     d.pop("description", None)
     plugins = tuple(d.pop("plugins", None) or ())
     d["model"]["width"] = unit.width

@@ -1,0 +1,390 @@
+"""MNIST-1D, finite versus infinite: MLPs and 1-D CNNs (GAP readout) beside their kernels.
+
+Greydanus (2020), "Scaling down deep learning" (arXiv:2011.14439) introduced
+MNIST-1D (4000 training / 1000 test signals of length 40, 10 classes) and
+reports test accuracies of 32% (logistic regression), 68% (MLP) and 94% (CNN)
+(the table of the ``mnist1d`` package's README). This experiment puts finite
+networks trained by GD/SGD beside their infinite-width limits, in the setting
+of Lee et al. (NeurIPS 2020), "Finite Versus Infinite Neural Networks"
+(:mod:`ntkexp.experiments.lee2020`: one-hot targets ``0.9 / -0.1``, MSE,
+learning rate relative to ``lambda_max`` of the net's own NTK, ensembles
+``+U`` over ``train.inits`` initialisations, centring ``+C``):
+
+* finite: for each width ``w`` (``model.width``), an MLP (``model``: its
+  depth, activation, ``W_std``, ``b_std``) and a 1-D CNN with a global average
+  pooling readout (``params.cnn_depth`` convolutions of size
+  ``params.cnn_filter_size`` with ``params.cnn_channels[i]`` channels, default
+  ``w``; the same activation and multipliers; NTK parameterization);
+* infinite: NNGP and NTK kernel regression (``K(x, X) (K + ridge I)^-1 y``)
+  and the NTK-GP mean after the same steps (``NTK, t = T``), for both
+  architectures, with the analytic kernels of the architecture registry
+  computed in tiles under ``kernels.memory_budget``
+  (:func:`ntkexp.kernels.tiling.tiled_kernel`; ``kernels.cache_dir`` streams
+  them to resumable ``.npy`` files) and solved in float64 by Cholesky
+  (:func:`ntkexp.theory.kernel_regression`), with each system's condition
+  number and the float32-vs-float64 gap of its predictions
+  (:func:`ntkexp.theory.precision_gap`; Lee et al. 2020, sec. 3.4).
+
+results.npz (W widths, K inits, A architectures, V variants, m test points,
+k classes): ``test_out (W, 1, K, A, V, m, k)``, ``test_acc``, ``eta``,
+``final_loss (W, 1, K, A, V)`` (NaN where a variant does not apply: the CNN has
+only the NTK parameterization); ``limit_<arch>_{nngp,ntk,ntk_t}_out (m, k)``,
+``limit_<arch>_{nngp,ntk}_cond``, ``limit_<arch>_{nngp,ntk}_f32_gap``,
+``limit_labels``, ``limit_variants``, ``limit_archs``.
+
+The training part (:func:`train_variant`) is thin and isolated from the kernel
+part (:func:`reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+import jax
+import numpy as np
+
+from ntkexp.config import ConfigError
+from ntkexp.experiments.arora2019 import train_with_progress
+from ntkexp.experiments.base import Experiment, init_key, register_experiment
+from ntkexp.experiments.lee2020 import Task, ntk_lambda_max
+
+NAME = "mnist1d_finite_vs_infinite"
+ARCHS = ("mlp", "cnn")
+
+#: Published MNIST-1D test accuracies (Greydanus 2020, arXiv:2011.14439; the table
+#: in the README of the ``mnist1d`` package).
+PUBLISHED = {"logistic regression": 0.32, "MLP": 0.68, "CNN": 0.94}
+PUBLISHED_SOURCE = ("Greydanus 2020, 'Scaling down deep learning', arXiv:2011.14439 "
+                    "(table in the mnist1d package README)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """``params:`` section of ``mnist1d_finite_vs_infinite``.
+
+    Attributes:
+      architectures: which of ``mlp`` and ``cnn`` to run (finite and infinite).
+      cnn_depth, cnn_filter_size: the 1-D CNN (GAP readout).
+      cnn_channels: CNN channels per width of ``model.width`` (default: the width).
+      parameterizations: for the MLP, ``ntk`` and/or ``standard`` (the CNN is NTK only).
+      centering: raw (``false``) and/or centred (``true``) nets.
+      preprocess: ``none`` (default: the generator already standardises the
+        signals), ``center`` or ``standardize`` (see ``lee2020``).
+      lr_mode: ``relative`` (``eta = learning_rate / lambda_max(Theta_0 / n)``) or
+        ``absolute``.
+      kernel_ridge: ridge of kernel regression relative to the mean diagonal.
+      power_iterations: for ``lambda_max``.
+    """
+
+    architectures: tuple[Literal["mlp", "cnn"], ...] = dataclasses.field(
+        default=("mlp", "cnn"), metadata={"nonempty": True})
+    cnn_depth: int = dataclasses.field(default=3, metadata={"min": 1})
+    cnn_filter_size: int = dataclasses.field(default=5, metadata={"min": 1})
+    cnn_channels: tuple[int, ...] | None = None
+    parameterizations: tuple[Literal["ntk", "standard"], ...] = dataclasses.field(
+        default=("ntk",), metadata={"nonempty": True})
+    centering: tuple[bool, ...] = dataclasses.field(default=(False, True),
+                                                    metadata={"nonempty": True})
+    preprocess: Literal["none", "center", "standardize"] = "none"
+    lr_mode: Literal["relative", "absolute"] = "relative"
+    kernel_ridge: float = dataclasses.field(default=1e-6, metadata={"min": 0.0})
+    power_iterations: int = dataclasses.field(default=30, metadata={"min": 1})
+
+
+def variants(cfg) -> list[tuple[str, bool]]:
+    return [(p, c) for p in cfg.params.parameterizations for c in cfg.params.centering]
+
+
+def variant_name(p: str, c: bool) -> str:
+    return f"{p}{'+C' if c else ''}"
+
+
+def arch_spec(cfg, arch: str, width: int, parameterization: str = "ntk", out_dim: int = 1):
+    """The finite (``width``) or infinite (``width=1``, any) spec of ``arch``."""
+    from ntkexp.models.cnn import CNNSpec
+
+    m = cfg.model
+    if arch == "mlp":
+        return dataclasses.replace(m.spec(width), parameterization=parameterization,
+                                   out_dim=out_dim)
+    return CNNSpec(depth=cfg.params.cnn_depth, width=int(width),
+                   filter_size=cfg.params.cnn_filter_size, readout="gap",
+                   activation=m.activation, W_std=m.W_std, b_std=m.b_std, out_dim=out_dim,
+                   activation_params=dict(m.activation_params))
+
+
+def _accuracy(out, labels) -> float:
+    return float(np.mean(np.argmax(np.asarray(out), axis=1) == np.asarray(labels)))
+
+
+def _eta(cfg, lam: float, n: int) -> float:
+    lr = cfg.train.learning_rates[0]
+    if cfg.params.lr_mode == "absolute":
+        return float(lr)
+    return float(lr / (lam / n if cfg.train.loss_reduction == "mean" else lam))
+
+
+# --------------------------------------------------------------------------
+# Finite nets (thin: one variant of one architecture from one initialisation)
+# --------------------------------------------------------------------------
+
+
+def train_variant(cfg, task, arch: str, spec, key, centred: bool, progress):
+    """Train one net; return ``(test outputs (m, k), eta, final loss)``.
+
+    Centred (``+C``): the net ``f - f0``, trained as the raw net on the targets
+    ``y + f0(X)`` (the same loss as a function of the parameters).
+    """
+    from ntkexp.models import ARCHITECTURES
+
+    apply_fn, params = ARCHITECTURES.get(arch).build(spec, task.x.shape[1], key, task.dtype)
+    lam = float(ntk_lambda_max(apply_fn, params, task.x, jax.random.fold_in(key, 3),
+                               cfg.params.power_iterations))
+    eta = _eta(cfg, lam, task.x.shape[0])
+    f0_train, f0_test = apply_fn(params, task.x), apply_fn(params, task.x_test)
+    y = task.y + f0_train if centred else task.y
+    res = train_with_progress(cfg, apply_fn, params, task.x, y, eta,
+                              jax.random.fold_in(key, 7), progress)
+    f = apply_fn(res.params, task.x_test)
+    if centred:
+        f = f - f0_test
+    return np.asarray(f), eta, float(np.asarray(res.losses)[-1])
+
+
+def compute_unit(cfg, data, unit, progress):
+    task = Task(cfg, data)
+    key = init_key(cfg, unit)
+    vs = variants(cfg)
+    A, V, m, k = len(ARCHS), len(vs), task.x_test.shape[0], task.k
+    out = np.full((A, V, m, k), np.nan)
+    acc, eta, loss = (np.full((A, V), np.nan) for _ in range(3))
+    for ai, arch in enumerate(ARCHS):
+        if arch not in cfg.params.architectures:
+            continue
+        width = unit.width
+        if arch == "cnn" and cfg.params.cnn_channels is not None:
+            width = cfg.params.cnn_channels[unit.w_index]
+        for vi, (p, centred) in enumerate(vs):
+            if arch == "cnn" and p != "ntk":
+                progress(cfg.train.steps)
+                continue
+            spec = arch_spec(cfg, arch, width, p, task.k)
+            f, eta[ai, vi], loss[ai, vi] = train_variant(cfg, task, arch, spec,
+                                                         jax.random.fold_in(key, ai), centred,
+                                                         progress)
+            out[ai, vi] = f
+            acc[ai, vi] = _accuracy(f, task.labels_test)
+    return {"test_out": out, "test_acc": acc, "eta": eta, "final_loss": loss}
+
+
+# --------------------------------------------------------------------------
+# Infinite width: tiled kernels, float64 solves
+# --------------------------------------------------------------------------
+
+
+def limit_kernels(cfg, arch: str, x, x_test, *, quiet: bool = True):
+    """``(train Kernel (n, n), test Kernel (m, n))`` of ``arch`` in tiles."""
+    from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+
+    fn = analytic_tiles(arch_spec(cfg, arch, 1), arch)
+    kc = cfg.kernels
+    devices = "all" if kc.devices == "all" else None
+    outs = []
+    for name, a, b in (("train", x, None), ("test", x_test, x)):
+        path = None
+        if kc.cache_dir:
+            path = os.path.join(kc.cache_dir, f"{NAME}_{arch}_{name}_{np.dtype(a.dtype)}.npy")
+        outs.append(tiled_kernel(fn, np.asarray(a), None if b is None else np.asarray(b),
+                                 memory_budget=kc.memory_budget, out=path, devices=devices,
+                                 quiet=quiet, desc=f"{arch} {name} kernel"))
+    return outs
+
+
+def reference(cfg, data):
+    from ntkexp.theory import kernel_regression, ntk_predict, precision_gap
+
+    task = Task(cfg, data)
+    n = task.x.shape[0]
+    y = np.asarray(task.y, np.float64)
+    res = {}
+    for arch in cfg.params.architectures:
+        ktr, kte = limit_kernels(cfg, arch, task.x, task.x_test)
+        for name in ("nngp", "ntk"):
+            K, Kt = np.asarray(getattr(ktr, name)), np.asarray(getattr(kte, name))
+            ridge = cfg.params.kernel_ridge * float(np.mean(np.diag(K)))
+            pred, info = kernel_regression(Kt, K, y, ridge=ridge, return_info=True)
+            res[f"{arch}_{name}_out"] = np.asarray(pred, np.float64)
+            res[f"{arch}_{name}_cond"] = np.asarray(info.condition_number)
+            gap = precision_gap(Kt, K, y, ridge=ridge)
+            res[f"{arch}_{name}_f32_gap"] = np.asarray(gap["relative_gap"])
+            res[f"{arch}_{name}_f32_argmax_agreement"] = np.asarray(gap["argmax_agreement"])
+        Th = np.asarray(ktr.ntk, np.float64)
+        ridge = cfg.params.kernel_ridge * float(np.mean(np.diag(Th)))
+        lam = float(np.linalg.eigvalsh(Th)[-1]) + ridge
+        eta = _eta(cfg, lam, n)
+        mean = ntk_predict(np.asarray(kte.ntk), Th, y, np.zeros((kte.ntk.shape[0], y.shape[1])),
+                           np.zeros_like(y), steps=cfg.train.steps, learning_rate=eta,
+                           loss_reduction=cfg.train.loss_reduction, ridge=ridge)
+        res[f"{arch}_ntk_t_out"] = np.asarray(mean, np.float64)
+        res[f"{arch}_ntk_t_eta"] = np.asarray(eta)
+        del ktr, kte
+    res["labels"] = np.asarray(task.labels_test)
+    res["variants"] = np.asarray([variant_name(p, c) for p, c in variants(cfg)])
+    res["archs"] = np.asarray(list(cfg.params.architectures))
+    return res
+
+
+# --------------------------------------------------------------------------
+# Summary and figure
+# --------------------------------------------------------------------------
+
+
+def summarize(cfg, results):
+    labels = np.asarray(results["limit_labels"])
+    names = [str(v) for v in results["limit_variants"]]
+    archs = [str(a) for a in results["limit_archs"]]
+    kernels, diagnostics, per_width, table, rows = {}, {}, {}, [], []
+    for arch in archs:
+        kernels[arch] = {
+            "NNGP": _accuracy(results[f"limit_{arch}_nngp_out"], labels),
+            "NTK": _accuracy(results[f"limit_{arch}_ntk_out"], labels),
+            "NTK, t = T": _accuracy(results[f"limit_{arch}_ntk_t_out"], labels),
+        }
+        diagnostics[arch] = {
+            f"{k}_{q}": float(np.asarray(results[f"limit_{arch}_{k}_{q}"]))
+            for k in ("nngp", "ntk") for q in ("cond", "f32_gap", "f32_argmax_agreement")}
+        for name, a in kernels[arch].items():
+            table.append({"model": f"{arch.upper()} {name}", "width": "inf", "single": a,
+                          "ensemble": a})
+    for wi, w in enumerate(results["widths"]):
+        out = np.asarray(results["test_out"][wi, 0], np.float64)  # (K, A, V, m, k)
+        acc = np.asarray(results["test_acc"][wi, 0], np.float64)  # (K, A, V)
+        K = out.shape[0]
+        pw = {}
+        for ai, arch in enumerate(ARCHS):
+            if arch not in archs:
+                continue
+            for vi, name in enumerate(names):
+                if np.all(np.isnan(acc[:, ai, vi])):
+                    continue
+                ens = out[:, ai, vi].mean(0)
+                e = {"single": float(acc[:, ai, vi].mean()),
+                     "single_sd": float(acc[:, ai, vi].std(ddof=1)) if K > 1 else 0.0,
+                     "ensemble": _accuracy(ens, labels), "ensemble_size": K,
+                     "eta": float(np.nanmean(results["eta"][wi, 0, :, ai, vi])),
+                     "final_train_loss": float(np.nanmean(results["final_loss"][wi, 0, :, ai,
+                                                                                 vi]))}
+                pw[f"{arch} {name}"] = e
+                table.append({"model": f"{arch.upper()} {name}", "width": int(w),
+                              "single": e["single"], "ensemble": e["ensemble"]})
+                for j in range(K):
+                    rows.append({"width": int(w), "arch": arch, "variant": name, "init": j,
+                                 "test_acc": float(acc[j, ai, vi])})
+        per_width[str(int(w))] = pw
+    summary = {
+        "experiment": NAME,
+        "n_train": int(cfg.data.n_train),
+        "n_test": int(labels.shape[0]),
+        "classes": int(np.asarray(results["limit_" + archs[0] + "_nngp_out"]).shape[1]),
+        "steps": int(cfg.train.steps),
+        "optimizer": cfg.train.optimizer,
+        "batch_size": cfg.train.batch_size,
+        "kernels": kernels,
+        "kernel_diagnostics": diagnostics,
+        "per_width": per_width,
+        "published": PUBLISHED,
+        "published_source": PUBLISHED_SOURCE,
+        "table": table,
+        "table_markdown": table_markdown(table),
+        "metric_definitions": (
+            "test accuracy (argmax); single: mean over inits; ensemble: accuracy of the "
+            "outputs averaged over inits; +C: centred net f - f0; NTK, t = T: NTK-GP mean "
+            "after the same steps; cond: condition number of K + ridge I; f32_gap: "
+            "||p32 - p64|| / ||p64|| of the kernel-regression predictions; see "
+            "ntkexp.experiments.mnist1d"),
+    }
+    return summary, rows
+
+
+def table_markdown(table) -> str:
+    lines = ["| model | width | single | ensemble |", "|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['model']} | {r['width']} | {r['single']:.3f} | "
+                     f"{r['ensemble']:.3f} |")
+    for k, v in PUBLISHED.items():
+        lines.append(f"| {k} (published) | - | {v:.2f} | - |")
+    return "\n".join(lines)
+
+
+def plot(results, summary, cfg_dict, fig_dir):
+    """Test accuracy against width per architecture and variant; kernels and the
+    published baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ntkexp.plotting import save_figure
+
+    widths = [int(w) for w in results["widths"]]
+    archs = [str(a) for a in results["limit_archs"]]
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.3), squeeze=False)
+    colors = ("tab:blue", "tab:red", "tab:green", "tab:purple")
+    for ax, arch in zip(axes[0], archs, strict=True):
+        keys = sorted({k for w in widths for k in summary["per_width"][str(w)]
+                       if k.startswith(arch + " ")})
+        for i, key in enumerate(keys):
+            c = colors[i % len(colors)]
+            pw = [summary["per_width"][str(w)].get(key) for w in widths]
+            xs = widths
+            ch = (cfg_dict.get("params") or {}).get("cnn_channels")
+            if arch == "cnn" and ch:
+                xs = [int(c) for c in ch]
+            ws = [w for w, e in zip(xs, pw, strict=True) if e]
+            pw = [e for e in pw if e]
+            ax.plot(ws, [e["single"] for e in pw], "o-", color=c, ms=4, label=f"{key} single")
+            ax.plot(ws, [e["ensemble"] for e in pw], "s--", color=c, ms=4,
+                    label=f"{key} ensemble of {pw[0]['ensemble_size']}")
+        for (name, a), ls in zip(summary["kernels"][arch].items(), ("-", ":", "-."),
+                                 strict=False):
+            ax.axhline(a, color="k", ls=ls, lw=1.2, label=f"{name} ({a:.3f})")
+        pub = summary["published"]["CNN" if arch == "cnn" else "MLP"]
+        ax.axhline(pub, color="0.5", ls="--", lw=1.0,
+                   label=f"published {arch.upper()} ({pub:.2f})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("hidden units" if arch == "mlp" else "channels")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{arch.upper()}: finite vs infinite", fontsize=9)
+        ax.legend(fontsize=6.5)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"MNIST-1D, n = {summary['n_train']}, {summary['steps']} steps of "
+                 f"{summary['optimizer']}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, fig_dir, NAME)
+
+
+def check(cfg):
+    if cfg.model.arch != "mlp":
+        raise ConfigError(f"model.arch: {NAME} takes the MLP from model (arch: mlp) and "
+                          "builds the CNN from params.cnn_*")
+    if len(cfg.train.learning_rates) != 1:
+        raise ConfigError(f"train.learning_rate: {NAME} needs one learning rate")
+    ch = cfg.params.cnn_channels
+    if ch is not None and len(ch) != len(cfg.model.widths):
+        raise ConfigError(f"params.cnn_channels: give one channel count per model.width "
+                          f"({len(cfg.model.widths)}), got {len(ch)}")
+    if cfg.data.n_test < 1:
+        raise ConfigError(f"data.n_test: {NAME} measures test accuracy, so n_test must be > 0")
+
+
+EXPERIMENT = register_experiment(Experiment(
+    name=NAME, params=Params, compute_unit=compute_unit, reference=reference,
+    summarize=summarize, plot=plot,
+    unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg))
+    * len(cfg.params.architectures),
+    check=check, main_figure=NAME))
+
+__all__ = ["NAME", "PUBLISHED", "arch_spec", "compute_unit", "limit_kernels", "reference",
+           "train_variant"]
