@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from ntkexp.config import ConfigError
+from ntkexp.data import DataError
 from ntkexp.experiments import streams
 from ntkexp.experiments.base import Member, Unit
 
@@ -369,31 +370,19 @@ def limit_summary(cfg, method: str, mc_width: int, mc_samples: int) -> dict:
 
 @jax.jit
 def gram_two_layer(W, x):
-    """Finite-width Gram matrix of the two-layer net (Du et al. 2019, eq. 3.2;
-    Arora et al. 2019, eq. 4 at finite width).
+    """Finite-width Gram matrix ``H(W) (n, n)`` of the two-layer net: the one copy in
+    :func:`ntkexp.models.two_layer.empirical_gram` (Du et al. 2019, eq. 3.2)."""
+    from ntkexp.models.two_layer import empirical_gram
 
-    ``H(W)_ij = (x_i . x_j / m) sum_r 1{w_r . x_i > 0} 1{w_r . x_j > 0}``: the
-    empirical NTK of the first layer, formed in ``O(n^2 m)`` without the
-    ``(n, d m)`` Jacobian.
-
-    Args:
-      W: ``(d, m)`` first-layer weights (columns are ``w_r``).
-      x: ``(n, d)`` inputs.
-
-    Returns:
-      ``(n, n)`` symmetric matrix.
-    """
-    act = (x @ W > 0).astype(x.dtype)
-    H = (x @ x.T) * (act @ act.T) / W.shape[1]
-    return 0.5 * (H + H.T)
+    return empirical_gram(W, x)
 
 
 def h_infinity(x):
-    """``H^inf (n, n)`` of Du et al. (2019, eq. 3.1) / Arora et al. (2019, eq. 4)
-    for unit-norm ``x (n, d)``: ``x_i . x_j (pi - arccos(x_i . x_j)) / (2 pi)``."""
-    from ntkexp.models.two_layer import TwoLayerSpec, two_layer_kernel
+    """``H^inf (n, n)`` of Du et al. (2019, eq. 3.1) / Arora et al. (2019, eq. 4): the
+    one copy in :func:`ntkexp.kernels.special.du_gram`."""
+    from ntkexp.kernels.special import du_gram
 
-    return two_layer_kernel(TwoLayerSpec(width=1), x).ntk
+    return du_gram(x)
 
 
 def check_two_layer(cfg, name: str) -> None:
@@ -414,3 +403,100 @@ def fit_exponent(widths, values) -> float:
     if ok.sum() < 2:
         return float("nan")
     return float(np.polyfit(np.log(w[ok]), np.log(v[ok]), 1)[0])
+
+
+# --------------------------------------------------------------------------
+# Classification tasks (Lee et al. 2020; MNIST-1D)
+# --------------------------------------------------------------------------
+
+
+def class_targets(y_train, y_test, name: str = "this experiment"):
+    """``(targets_train (n, k), targets_test (m, k), labels_train (n,), labels_test (m,))``.
+
+    Several columns: used as given, labels by argmax. One column of integers:
+    class ids ``0..k-1`` encoded as ``e_c - 1/k``.
+
+    Raises:
+      DataError: one column of non-integer values, or a single class.
+    """
+    ytr, yte = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
+    if ytr.shape[1] >= 2:
+        return ytr, yte, np.argmax(ytr, 1), np.argmax(yte, 1) if len(yte) else np.zeros(0, int)
+    both = np.concatenate([ytr[:, 0], yte[:, 0]])
+    if not np.all(both == np.round(both)) or both.min() < 0:
+        raise DataError(f"{name} classifies: a single target column must hold class ids "
+                        "0, 1, 2, ... (integers)")
+    k = int(both.max()) + 1
+    if k < 2:
+        raise DataError(f"{name} needs at least two classes in the targets")
+
+    def enc(v):
+        ids = v[:, 0].astype(np.int64)
+        t = np.full((len(ids), k), -1.0 / k)
+        t[np.arange(len(ids)), ids] += 1.0
+        return t, ids
+
+    (ttr, ltr), (tte, lte) = enc(ytr), enc(yte)
+    return ttr, tte, ltr, lte
+
+
+def preprocess(x_train, x_test, mode: str):
+    """Apply ``params.preprocess`` (statistics from the training inputs only)."""
+    xtr, xte = jnp.asarray(x_train), jnp.asarray(x_test)
+    if mode == "none":
+        return xtr, xte
+    mu = jnp.mean(xtr, axis=0, keepdims=True)
+    xtr, xte = xtr - mu, xte - mu
+    if mode == "center":
+        return xtr, xte
+    d = xtr.shape[1]
+
+    def scale(x):
+        nrm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+        return x * jnp.sqrt(jnp.asarray(d, x.dtype)) / jnp.where(nrm > 0, nrm, 1.0)
+
+    return scale(xtr), scale(xte)
+
+
+class Task:
+    """A classification task from ``data``: preprocessed inputs, one-hot-style
+    targets and integer labels (train and test). ``name`` names the experiment
+    in errors."""
+
+    def __init__(self, cfg, data, name: str):
+        if data.x_test.shape[0] == 0:
+            raise DataError(f"{name} measures test accuracy: set data.n_test > 0 (or give "
+                            "x_test in the .npz)")
+        dt = data.x_train.dtype
+        self.x, self.x_test = preprocess(data.x_train, data.x_test, cfg.params.preprocess)
+        ttr, tte, self.labels, self.labels_test = class_targets(data.y_train, data.y_test, name)
+        self.y, self.y_test = jnp.asarray(ttr, dt), jnp.asarray(tte, dt)
+        self.k = self.y.shape[1]
+        self.dtype = dt
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def ntk_lambda_max(apply_fn, params, x, key, iters: int):
+    """Largest eigenvalue of the empirical NTK ``J J^T`` on ``x`` by power iteration.
+
+    ``J`` is the Jacobian of the flattened outputs ``(n k,)`` in the parameters;
+    ``J J^T v`` costs one vjp and one jvp, so no ``(n k)^2`` matrix is formed.
+
+    Returns:
+      a scalar, the Rayleigh quotient after ``iters`` iterations (a lower bound
+      of ``lambda_max`` that converges geometrically).
+    """
+    out, vjp = jax.vjp(lambda p: apply_fn(p, x), params)
+
+    def mv(v):
+        (g,) = vjp(v)
+        return jax.jvp(lambda p: apply_fn(p, x), (params,), (g,))[1]
+
+    v0 = jax.random.normal(key, out.shape, out.dtype)
+
+    def body(_, v):
+        w = mv(v)
+        return w / jnp.linalg.norm(w)
+
+    v = jax.lax.fori_loop(0, iters, body, v0 / jnp.linalg.norm(v0))
+    return jnp.sum(v * mv(v))

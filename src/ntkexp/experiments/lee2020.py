@@ -34,7 +34,6 @@ store ``f - f0``), ``test_acc``, ``eta``, ``final_loss (W, 1, K, V)``;
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Literal
 
 import jax
@@ -42,10 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkexp.config import ConfigError
-from ntkexp.data import DataError
 from ntkexp.experiments import streams
 from ntkexp.experiments.base import Experiment, register_experiment
-from ntkexp.experiments.common import build_ensemble, per_member, train_ensemble
+from ntkexp.experiments.common import (
+    Task,
+    build_ensemble,
+    class_targets,  # noqa: F401  (re-exported for tests and plug-ins)
+    ntk_lambda_max,
+    per_member,
+    preprocess,  # noqa: F401
+    train_ensemble,
+)
 
 NAME = "lee2020_finite_vs_infinite"
 
@@ -90,99 +96,6 @@ def variant_name(p: str, c: bool) -> str:
 # --------------------------------------------------------------------------
 
 
-def class_targets(y_train, y_test):
-    """``(targets_train (n, k), targets_test (m, k), labels_train (n,), labels_test (m,))``.
-
-    Several columns: used as given, labels by argmax. One column of integers:
-    class ids ``0..k-1`` encoded as ``e_c - 1/k``.
-
-    Raises:
-      DataError: one column of non-integer values, or a single class.
-    """
-    ytr, yte = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
-    if ytr.shape[1] >= 2:
-        return ytr, yte, np.argmax(ytr, 1), np.argmax(yte, 1) if len(yte) else np.zeros(0, int)
-    both = np.concatenate([ytr[:, 0], yte[:, 0]])
-    if not np.all(both == np.round(both)) or both.min() < 0:
-        raise DataError(f"{NAME} classifies: a single target column must hold class ids "
-                        "0, 1, 2, ... (integers)")
-    k = int(both.max()) + 1
-    if k < 2:
-        raise DataError(f"{NAME} needs at least two classes in the targets")
-
-    def enc(v):
-        ids = v[:, 0].astype(np.int64)
-        t = np.full((len(ids), k), -1.0 / k)
-        t[np.arange(len(ids)), ids] += 1.0
-        return t, ids
-
-    (ttr, ltr), (tte, lte) = enc(ytr), enc(yte)
-    return ttr, tte, ltr, lte
-
-
-def preprocess(x_train, x_test, mode: str):
-    """Apply ``params.preprocess`` (statistics from the training inputs only)."""
-    xtr, xte = jnp.asarray(x_train), jnp.asarray(x_test)
-    if mode == "none":
-        return xtr, xte
-    mu = jnp.mean(xtr, axis=0, keepdims=True)
-    xtr, xte = xtr - mu, xte - mu
-    if mode == "center":
-        return xtr, xte
-    d = xtr.shape[1]
-
-    def scale(x):
-        nrm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
-        return x * jnp.sqrt(jnp.asarray(d, x.dtype)) / jnp.where(nrm > 0, nrm, 1.0)
-
-    return scale(xtr), scale(xte)
-
-
-class Task:
-    def __init__(self, cfg, data):
-        if data.x_test.shape[0] == 0:
-            raise DataError(f"{NAME} measures test accuracy: set data.n_test > 0 (or give "
-                            "x_test in the .npz)")
-        dt = data.x_train.dtype
-        self.x, self.x_test = preprocess(data.x_train, data.x_test, cfg.params.preprocess)
-        ttr, tte, self.labels, self.labels_test = class_targets(data.y_train, data.y_test)
-        self.y, self.y_test = jnp.asarray(ttr, dt), jnp.asarray(tte, dt)
-        self.k = self.y.shape[1]
-        self.dtype = dt
-
-
-# --------------------------------------------------------------------------
-# Finite nets
-# --------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def ntk_lambda_max(apply_fn, params, x, key, iters: int):
-    """Largest eigenvalue of the empirical NTK ``J J^T`` on ``x`` by power iteration.
-
-    ``J`` is the Jacobian of the flattened outputs ``(n k,)`` in the parameters;
-    ``J J^T v`` costs one vjp and one jvp, so no ``(n k)^2`` matrix is formed.
-
-    Returns:
-      a scalar, the Rayleigh quotient after ``iters`` iterations (a lower bound
-      of ``lambda_max`` that converges geometrically).
-    """
-    out, vjp = jax.vjp(lambda p: apply_fn(p, x), params)
-
-    def mv(v):
-        (g,) = vjp(v)
-        return jax.jvp(lambda p: apply_fn(p, x), (params,), (g,))[1]
-
-    v0 = jax.random.normal(key, out.shape, out.dtype)
-
-    def body(_, v):
-        w = mv(v)
-        return w / jnp.linalg.norm(w)
-
-    v = jax.lax.fori_loop(0, iters, body, v0 / jnp.linalg.norm(v0))
-    return jnp.sum(v * mv(v))
-
-
 def _step(cfg, lam: float, n: int) -> float:
     lr = cfg.train.learning_rates[0]
     if cfg.params.lr_mode == "absolute":
@@ -196,7 +109,7 @@ def _accuracy(out, labels) -> float:
 
 
 def compute_unit(cfg, data, unit, progress):
-    task = Task(cfg, data)
+    task = Task(cfg, data, NAME)
     base = cfg.model.spec(unit.width)
     n = task.x.shape[0]
     pkeys = streams.keys(cfg.seed, "power", unit.inits)
@@ -233,7 +146,7 @@ def reference(cfg, data):
     from ntkexp.models import ARCHITECTURES
     from ntkexp.theory import kernel_regression, ntk_gp
 
-    task = Task(cfg, data)
+    task = Task(cfg, data, NAME)
     arch = ARCHITECTURES.get(cfg.model.arch)
     spec = dataclasses.replace(cfg.model.spec(cfg.model.widths[0]), parameterization="ntk",
                                out_dim=1)

@@ -46,9 +46,9 @@ import jax
 import numpy as np
 
 from ntkexp.config import ConfigError
-from ntkexp.experiments.arora2019 import train_with_progress
-from ntkexp.experiments.base import Experiment, init_key, register_experiment
-from ntkexp.experiments.lee2020 import Task, ntk_lambda_max
+from ntkexp.experiments import streams
+from ntkexp.experiments.base import Experiment, register_experiment
+from ntkexp.experiments.common import Task, make_optimizer, ntk_lambda_max, progress_callback
 
 NAME = "mnist1d_finite_vs_infinite"
 ARCHS = ("mlp", "cnn")
@@ -131,31 +131,43 @@ def _eta(cfg, lam: float, n: int) -> float:
 # --------------------------------------------------------------------------
 
 
-def train_variant(cfg, task, arch: str, spec, key, centred: bool, progress):
-    """Train one net; return ``(test outputs (m, k), eta, final loss)``.
+def train_variant(cfg, task, arch: str, spec, init: int, run: int, centred: bool, progress):
+    """Train one net of initialisation ``init`` (variant number ``run``); return
+    ``(test outputs (m, k), eta, final loss)``.
+
+    Random streams (:mod:`ntkexp.experiments.streams`): parameters from
+    ``init`` ``(init, run)``-folded, the power iteration from ``power``, the
+    mini-batches from ``minibatch (init, run)``.
 
     Centred (``+C``): the net ``f - f0``, trained as the raw net on the targets
     ``y + f0(X)`` (the same loss as a function of the parameters).
     """
     from ntkexp.models import ARCHITECTURES
+    from ntkexp.training import train
 
+    key = jax.random.fold_in(streams.key(cfg.seed, "init", init), run)
     apply_fn, params = ARCHITECTURES.get(arch).build(spec, task.x.shape[1], key, task.dtype)
-    lam = float(ntk_lambda_max(apply_fn, params, task.x, jax.random.fold_in(key, 3),
+    lam = float(ntk_lambda_max(apply_fn, params, task.x,
+                               streams.key(cfg.seed, "power", init, run),
                                cfg.params.power_iterations))
     eta = _eta(cfg, lam, task.x.shape[0])
     f0_train, f0_test = apply_fn(params, task.x), apply_fn(params, task.x_test)
     y = task.y + f0_train if centred else task.y
-    res = train_with_progress(cfg, apply_fn, params, task.x, y, eta,
-                              jax.random.fold_in(key, 7), progress)
+    callback, finish = progress_callback(progress)
+    res = train(apply_fn, params, task.x, y, optimizer=make_optimizer(cfg, eta),
+                steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction,
+                batch_size=cfg.train.batch_size,
+                key=streams.key(cfg.seed, "minibatch", init, run), callback=callback)
+    finish(cfg.train.steps)
     f = apply_fn(res.params, task.x_test)
     if centred:
         f = f - f0_test
     return np.asarray(f), eta, float(np.asarray(res.losses)[-1])
 
 
-def compute_unit(cfg, data, unit, progress):
-    task = Task(cfg, data)
-    key = init_key(cfg, unit)
+def compute_unit(cfg, data, member, progress):
+    """One initialisation (``per_init``): every architecture and variant."""
+    task = Task(cfg, data, NAME)
     vs = variants(cfg)
     A, V, m, k = len(ARCHS), len(vs), task.x_test.shape[0], task.k
     out = np.full((A, V, m, k), np.nan)
@@ -163,17 +175,16 @@ def compute_unit(cfg, data, unit, progress):
     for ai, arch in enumerate(ARCHS):
         if arch not in cfg.params.architectures:
             continue
-        width = unit.width
+        width = member.width
         if arch == "cnn" and cfg.params.cnn_channels is not None:
-            width = cfg.params.cnn_channels[unit.w_index]
+            width = cfg.params.cnn_channels[member.w_index]
         for vi, (p, centred) in enumerate(vs):
             if arch == "cnn" and p != "ntk":
                 progress(cfg.train.steps)
                 continue
             spec = arch_spec(cfg, arch, width, p, task.k)
-            f, eta[ai, vi], loss[ai, vi] = train_variant(cfg, task, arch, spec,
-                                                         jax.random.fold_in(key, ai), centred,
-                                                         progress)
+            f, eta[ai, vi], loss[ai, vi] = train_variant(cfg, task, arch, spec, member.init,
+                                                         ai * V + vi, centred, progress)
             out[ai, vi] = f
             acc[ai, vi] = _accuracy(f, task.labels_test)
     return {"test_out": out, "test_acc": acc, "eta": eta, "final_loss": loss}
@@ -205,7 +216,7 @@ def limit_kernels(cfg, arch: str, x, x_test, *, quiet: bool = True):
 def reference(cfg, data):
     from ntkexp.theory import kernel_regression, ntk_predict, precision_gap
 
-    task = Task(cfg, data)
+    task = Task(cfg, data, NAME)
     n = task.x.shape[0]
     y = np.asarray(task.y, np.float64)
     res = {}
@@ -384,7 +395,7 @@ EXPERIMENT = register_experiment(Experiment(
     summarize=summarize, plot=plot,
     unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg))
     * len(cfg.params.architectures),
-    check=check, main_figure=NAME))
+    check=check, main_figure=NAME, per_init=True))
 
 __all__ = ["NAME", "PUBLISHED", "arch_spec", "compute_unit", "limit_kernels", "reference",
            "train_variant"]
