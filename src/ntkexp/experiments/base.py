@@ -150,8 +150,8 @@ def enable_compile_cache() -> str | None:
 
     Opt-in: set ``$NTKEXP_COMPILE_CACHE`` to a folder, or to ``1``/``on`` for
     ``~/.cache/ntkexp/jax`` (unset, ``0`` or ``off``: no cache). A cache
-    folder the user already gave JAX (``jax_compilation_cache_dir``) is kept. A rerun, another preset of the same
-    shapes, or a second process of a multi-process run then skips XLA compilation
+    folder the user already gave JAX (``jax_compilation_cache_dir``) is kept. A rerun,
+    another preset of the same shapes, or a second process of a multi-process run then skips XLA compilation
     (cold, a Jacot Fig. 2 run compiles for about 10-20 s on 2 CPU cores). Entries are
     keyed by JAX on the program, the compile options, the backend and the jaxlib
     version, so a stale entry cannot be used. Returns the folder (None: off).
