@@ -149,12 +149,13 @@ def enable_compile_cache() -> str | None:
     """Keep compiled programs on disk across runs (JAX's persistent compilation cache).
 
     Opt-in: set ``$NTKEXP_COMPILE_CACHE`` to a folder, or to ``1``/``on`` for
-    ``~/.cache/ntkexp/jax`` (unset, ``0`` or ``off``: no cache). A cache
-    folder the user already gave JAX (``jax_compilation_cache_dir``) is kept. A rerun,
-    another preset of the same shapes, or a second process of a multi-process run then skips XLA compilation
-    (cold, a Jacot Fig. 2 run compiles for about 10-20 s on 2 CPU cores). Entries are
-    keyed by JAX on the program, the compile options, the backend and the jaxlib
-    version, so a stale entry cannot be used. Returns the folder (None: off).
+    ``~/.cache/ntkexp/jax`` (unset, ``0`` or ``off``: no cache). A cache folder the
+    user already gave JAX (``jax_compilation_cache_dir``) is kept. A rerun, another
+    preset of the same shapes, or a second process of a multi-process run then skips
+    XLA compilation (cold, a Jacot Fig. 2 run compiles for about 10-20 s on 2 CPU
+    cores). Entries are keyed by JAX on the program, the compile options, the backend
+    and the jaxlib version, so a stale entry cannot be used. Returns the folder (None:
+    off).
     """
     path = os.environ.get("NTKEXP_COMPILE_CACHE", "")
     if path.strip().lower() in ("", "0", "off", "false", "no"):
