@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ntkexp.models.validation import SpecActivationMixin
+from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
@@ -103,7 +103,9 @@ class ResMLPApply:
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"inputs must have shape (n, {d}), got {tuple(x.shape)}")
         phi = spec.act.fn
-        h = _dense(spec, params["inp"], x.astype(params["inp"]["W"].dtype))
+        x, params = promote(x, params)  # JAX promotion: no silent downcast
+        blocks = params["blocks"]
+        h = _dense(spec, params["inp"], x)
         for b in range(spec.depth):
             p = blocks[b]
             h = h + spec.alpha * _dense(spec, p["l2"], phi(_dense(spec, p["l1"], phi(h))))
