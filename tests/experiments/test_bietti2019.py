@@ -71,8 +71,9 @@ def test_prop9_constants_from_closed_form_gammas(tiny_run):
         for j in range(3):
             assert e[f"gamma_{j}"] == pytest.approx(math.exp(2 - 2 * c), rel=1e-10)
         assert e["lipschitz_prop9"] == pytest.approx(math.sqrt(3) * math.exp(1 - c), rel=1e-10)
-    assert lip["exp(u - 2)"]["lipschitz_prop9"] == pytest.approx(0.637, abs=5e-4)  # not sqrt(3)
-    # softplus: gamma_1 = E[sigmoid^2], gamma_2 = E[(sigmoid (1 - sigmoid))^2] by a dense rule
+    assert abs(lip["exp(u - 2)"]["lipschitz_prop9"] - math.sqrt(3)) > 1.0  # not the seed's
+    # softplus: gamma_1 = E[sigmoid^2], gamma_2 = E[(sigmoid (1 - sigmoid))^2] by a dense
+    # trapezoid rule (measured: the code agrees to 3.8e-14 on the gammas, 1.9e-14 on L)
     u = np.linspace(-40, 40, 800_001)
     w = np.exp(-u * u / 2) / math.sqrt(2 * math.pi)
     sig = 1 / (1 + np.exp(-u))
@@ -80,10 +81,10 @@ def test_prop9_constants_from_closed_form_gammas(tiny_run):
     g = [np.trapezoid(w * f * f, u) for f in (sp, sig, sig * (1 - sig))]
     e = lip["softplus"]
     for j in range(3):
-        assert e[f"gamma_{j}"] == pytest.approx(g[j], rel=1e-7)
+        assert e[f"gamma_{j}"] == pytest.approx(g[j], rel=1e-12)
     want = math.sqrt((g[0] + g[1]) * max(1, (2 * g[1] + g[2]) / (g[0] + g[1])))
-    assert e["lipschitz_prop9"] == pytest.approx(want, rel=1e-7)
-    assert e["lipschitz_prop9"] == pytest.approx(1.102, abs=5e-4)  # not the seed's ~1.75
+    assert e["lipschitz_prop9"] == pytest.approx(want, rel=1e-12)
+    assert abs(e["lipschitz_prop9"] - 1.75) > 0.5  # not the seed's ~1.75
 
 
 def test_kappa_edges_are_finite():

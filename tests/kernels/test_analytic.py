@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import needs_x64
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
@@ -18,6 +19,7 @@ def _x(seed, n, d, dtype=jnp.float64):
     return jax.random.normal(jax.random.key(seed), (n, d), dtype)
 
 
+@needs_x64
 @pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000), act=st.sampled_from(ACTS), depth=st.integers(1, 3),
@@ -44,6 +46,7 @@ def test_symmetric_psd_and_slices(seed, act, depth, b, n):
                                atol=1e-14)
 
 
+@needs_x64
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000), a=st.floats(0.1, 10.0), b=st.floats(0.1, 10.0),
        depth=st.integers(1, 4))
@@ -56,6 +59,7 @@ def test_relu_positive_homogeneity(seed, a, b, depth):
         np.testing.assert_allclose(float(ms[0, 0]), a * b * float(m[0, 0]), rtol=1e-12)
 
 
+@needs_x64
 def test_monte_carlo_nngp_clt_rate():
     # depth 1: hidden pre-activations are exactly Gaussian, so the mean empirical
     # NNGP is unbiased and its error must shrink like K^(-1/2).
@@ -79,6 +83,7 @@ def test_monte_carlo_nngp_clt_rate():
     assert 2.5 < ratio < 6.5, errs
 
 
+@needs_x64
 @pytest.mark.slow
 def test_standard_parameterization_ntk_is_expected_empirical_ntk():
     # depth 1: E over initialisations of the empirical NTK is exactly the formula
