@@ -166,7 +166,7 @@ def test_config_around_a_shipped_one_runs_or_is_one_clean_error(case):
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=None, database=None,
+@settings(max_examples=25, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(case=mutated())
 def test_config_around_a_shipped_one_runs_or_is_one_clean_error_many(case):
