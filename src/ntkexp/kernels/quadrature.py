@@ -32,9 +32,10 @@ error ``sum_{k > K} a_k b_k (rho^k - rho^(K_{e,o}))``, small everywhere.
 
 Accuracy (float64, defaults ``degree=160``, ``nodes=1201``): about 1e-9 relative on
 the tanh reference case of ``tests/kernels/data/nt_kernels.json``
-(pre-activation variances up to ~12); see ``tests/kernels/test_reference.py``. It degrades gracefully as
-``q`` grows past a few hundred for step-like activations (the tails then carry
-more of the sum); raise ``degree`` and ``nodes`` there.
+(pre-activation variances up to ~12); see ``tests/kernels/test_reference.py``.
+It degrades gracefully as ``q`` grows past a few hundred for step-like
+activations (the tails then carry more of the sum); raise ``degree`` and
+``nodes`` there.
 """
 
 from __future__ import annotations
