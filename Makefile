@@ -11,7 +11,7 @@ XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-slow test-all bench lint gpu-check clean
+.PHONY: setup run test test-x64 test-x32 test-slow ci test-all bench lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -25,16 +25,26 @@ setup: $(STAMP)
 run: setup
 	JAX_PLATFORMS=cpu $(VENV)/bin/ntkexp run $(CONFIG) --preset $(PRESET)
 
-## The whole fast suite (float32 and float64); slow checks are marked and excluded.
-test: setup
-	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_FLAGS)
+## The whole fast suite in both x64 modes (as JAX's own CI does): x64 on (float32 and
+## float64 cases), then x64 off, the default a user has (float32 cases; float64 ones skip).
+## Slow checks are marked and run by test-slow (.ci/run runs both).
+test: test-x64 test-x32
 
-## Slow checks: convergence rates over widths, larger presets.
+test-x64: setup
+	JAX_ENABLE_X64=1 $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_FLAGS)
+
+test-x32: setup
+	JAX_ENABLE_X64=0 $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_FLAGS)
+
+## Slow checks: convergence rates over widths, property tests, larger presets (x64 on).
 test-slow: setup
-	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_FLAGS)
+	JAX_ENABLE_X64=1 $(PY) -m pytest -m slow $(XDIST) $(PYTEST_FLAGS)
+
+## Everything CI runs: make test, then make test-slow.
+ci: test test-slow
 
 test-all: setup
-	$(PY) -m pytest $(XDIST) $(PYTEST_FLAGS)
+	JAX_ENABLE_X64=1 $(PY) -m pytest $(XDIST) $(PYTEST_FLAGS)
 
 ## Benchmarks in matmul units; JSON to benchmarks/results/.
 bench: setup

@@ -2,7 +2,7 @@
 
 For k = 1, 2, 4 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=k``,
 one subprocess each, since the flag must be set before jax is imported) it
-times, in matmul units (DESIGN.md):
+times, in matmul units (docs/conventions.md, "Speed"):
 
 * ``cntk_gap``: the analytic CNTK-GAP (8x8 images, depth 3, 32 points, float32)
   through ``ntkexp.sharding.sharded_kernel``;

@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing in matmul units (see DESIGN.md, 'Measuring speed').
+"""Shared benchmark helpers: timing in matmul units (see docs/conventions.md, "Speed").
 
 A time in *matmul units* is the measured time divided by the time of one
 2048 x 2048 x 2048 float32 matmul measured in the same process, so numbers stay

@@ -1,8 +1,11 @@
 """Strict test set-up (equinox style) and the one dtype tolerance table.
 
-x64 is enabled for the whole session so that float64 cases can run; library code
-follows the dtype of its inputs, and every numerical test is parametrized over
-``float32`` and ``float64`` through the ``dtype`` fixture.
+x64 follows the environment, as JAX itself does: ``JAX_ENABLE_X64=1`` turns it on,
+anything else (or unset, the default a user has) leaves it off. The ``dtype``
+fixture parametrizes every numerical test over ``float32`` and ``float64``; the
+float64 cases skip when x64 is off (no float64 array exists then), the float32
+cases run in both modes. CI runs the fast suite in both (``make test``). Library
+code follows JAX's type promotion (docs/conventions.md, "Dtypes").
 """
 
 import os
@@ -13,7 +16,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
+X64 = os.environ.get("JAX_ENABLE_X64", "").strip().lower() in ("1", "true", "yes", "on")
+jax.config.update("jax_enable_x64", X64)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Relative tolerances, by dtype, for comparisons against an exact truth.
@@ -22,8 +26,11 @@ TOL = {
     jnp.float64: dict(exact=1e-9, agree=1e-10),
 }
 
+needs_x64 = pytest.mark.skipif(not X64, reason="float64 needs JAX_ENABLE_X64=1")
 
-@pytest.fixture(params=[jnp.float32, jnp.float64], ids=["f32", "f64"])
+
+@pytest.fixture(params=[jnp.float32, pytest.param(jnp.float64, marks=needs_x64)],
+                ids=["f32", "f64"])
 def dtype(request):
     return request.param
 
@@ -31,6 +38,14 @@ def dtype(request):
 @pytest.fixture
 def tol(dtype):
     return TOL[dtype]
+
+
+@pytest.fixture(autouse=True)
+def _session_x64():
+    """Put x64 back after each test: a ``dtype: float64`` run turns it on for good."""
+    yield
+    if jax.config.jax_enable_x64 != X64:
+        jax.config.update("jax_enable_x64", X64)
 
 
 def rel_err(a, b):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs_x64
 from ntkexp.activations import get_activation
 from ntkexp.kernels.quadrature import NumericalDual
 
@@ -18,6 +19,7 @@ def _points(n=12):
     return q1, rho * np.sqrt(q1 * q2), q2
 
 
+@needs_x64  # float64 inputs and float64 tolerances
 @pytest.mark.parametrize("name", ["erf", "gelu", "sin", "cos"])
 def test_smooth_closed_forms_match_quadrature(name):
     # Independent method: Mehler expansion with exact tails (smooth phi: spectrally accurate).
@@ -29,6 +31,7 @@ def test_smooth_closed_forms_match_quadrature(name):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
+@needs_x64  # float64 inputs and float64 tolerances
 @pytest.mark.parametrize("name,params", [("relu", {}), ("leaky_relu", {"slope": 0.2}),
                                          ("abs", {}), ("identity", {})])
 def test_angular_duals_match_cho_saul(name, params):
@@ -57,6 +60,7 @@ def test_angular_duals_match_cho_saul(name, params):
                                rtol=1e-14, atol=1e-16)
 
 
+@needs_x64
 def test_relu_dual_against_monte_carlo():
     act = get_activation("relu")
     key = jax.random.key(1)
@@ -112,6 +116,7 @@ def test_atan_ratio_matches_arctan_to_ulps(dtype):
     np.testing.assert_allclose(float(g), 1.0, rtol=10 * eps)
 
 
+@needs_x64
 @pytest.mark.parametrize("name,params", [("relu", {}), ("leaky_relu", {"slope": 0.2}), ("abs", {})])
 def test_sorted_gap_duals_match_trig_forms(name, params, dtype):
     # The recursion's fast path (gaps -> J, Jdot, jm, jp with one sqrt and one

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.empirical import (
     empirical_nngp,
     empirical_ntk,
@@ -203,6 +203,7 @@ def test_bad_inputs_give_one_clear_error(dtype):
         empirical_ntk(f, jax.tree_util.tree_map(lambda a: a.astype(jnp.int32), p), x)
 
 
+@needs_x64
 def test_relu_ntk_converges_like_inverse_sqrt_width():
     """Jacot et al. 2018, Thm. 1: fluctuations of the NTK at init are O(width^-1/2).
 
@@ -227,6 +228,7 @@ def test_relu_ntk_converges_like_inverse_sqrt_width():
     assert errs[-1] < 0.05, errs
 
 
+@needs_x64
 @pytest.mark.parametrize("parameterization", ["ntk", "standard"])
 def test_monte_carlo_kernel_matches_analytic(parameterization):
     """Mean over K inits of the empirical NNGP/NTK -> analytic (per output)."""
@@ -244,6 +246,7 @@ def test_monte_carlo_kernel_matches_analytic(parameterization):
     assert np.array_equal(np.asarray(mc.ntk), np.asarray(mc.ntk).T)
 
 
+@needs_x64
 def test_monte_carlo_kernel_with_builder_for_a_generic_model():
     """A builder (key, width) -> (apply_fn, params) without structure: output covariance NNGP."""
     spec = MLPSpec(depth=1, width=1, activation="relu", b_std=0.0)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from conftest import rel_err
-from ntkexp.optim import OPTIMIZERS, gd, ngd, ngd_dual_coefficients, sgd
+from ntkexp.optim import DEFAULT_DAMPING, OPTIMIZERS, gd, ngd, ngd_dual_coefficients, sgd
 
 
 def _linear(k_out=1):
@@ -46,13 +46,14 @@ def test_composes_with_optax_chain(dtype, tol):
 
 
 def test_ngd_linear_model_interpolates_in_one_step(dtype, tol):
-    """For f = X w + b and eta = 1, one NGD step lands on the min-norm interpolant (P > n)."""
+    """For f = X w + b and eta = 1, one exact NGD step (damping 0) lands on the min-norm
+    interpolant (P > n)."""
     n, d = 6, 10
     x = jax.random.normal(jax.random.key(1), (n, d), dtype)
     y = jax.random.normal(jax.random.key(2), (n, 1), dtype)
     f = _linear()
     p = _params(jax.random.key(3), d, 1, dtype)
-    tx = ngd(1.0, apply_fn=f)
+    tx = ngd(1.0, damping=0.0, apply_fn=f)
     r = f(p, x) - y
     u, _ = jax.jit(tx.update)(None, tx.init(p), p, x=x, residual=r)
     new = optax.apply_updates(p, u)
@@ -119,9 +120,70 @@ def test_ngd_cross_entropy_is_the_damped_gauss_newton_step(dtype, tol):
                                                      loss="softmax_cross_entropy")
     assert rel_err(jax.flatten_util.ravel_pytree(u2)[0], got) < 10 * tol["exact"]
     with pytest.raises(ValueError, match="damping > 0"):
-        ngd(eta, loss="softmax_cross_entropy")
+        ngd(eta, damping=0.0, loss="softmax_cross_entropy")
     with pytest.raises(ValueError, match="loss must be one of"):
         ngd(eta, loss="hinge")
+
+
+def _repeated_point_problem(dtype, d=10):
+    """A linear model on 6 points whose last repeats the first: ``J J^T`` has rank 5."""
+    x = jax.random.normal(jax.random.key(1), (5, d), dtype)
+    x = jnp.concatenate([x, x[:1]])
+    y = jax.random.normal(jax.random.key(2), (5, 1), dtype)
+    y = jnp.concatenate([y, y[:1]])
+    return _linear(), _params(jax.random.key(3), d, 1, dtype), x, y
+
+
+@pytest.mark.parametrize("damping", [0.0, None], ids=["damping0", "default"])
+def test_ngd_singular_system_gives_the_min_norm_step_not_nan(dtype, damping):
+    """A repeated training point makes ``J J^T`` singular: no NaN, the right step.
+
+    Before: ``damping=0`` (then the default) returned all NaN. Truth, for a linear
+    model ``f = A theta`` (numpy, float64): ``theta - A^+ r`` (lstsq) for damping 0,
+    ``theta - A^T (A A^T + lambda I)^-1 r`` for the default ``lambda``; both
+    interpolate the consistent targets. A jitter, when the solve needed one, is on
+    record in the state.
+    """
+    f, p, x, y = _repeated_point_problem(dtype)
+    tx = ngd(1.0, apply_fn=f) if damping is None else ngd(1.0, damping=damping, apply_fn=f)
+    r = f(p, x) - y
+    u, st = jax.jit(tx.update)(None, tx.init(p), p, x=x, residual=r)
+    new = optax.apply_updates(p, u)
+    for leaf in jax.tree_util.tree_leaves((u, st)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    A = np.hstack([np.asarray(x, np.float64), np.ones((6, 1))])
+    r64 = np.asarray(r, np.float64)[:, 0]
+    th0 = np.concatenate([np.asarray(p["w"], np.float64)[:, 0], np.asarray(p["b"], np.float64)])
+    if damping == 0.0:
+        th1 = th0 - np.linalg.lstsq(A, r64, rcond=None)[0]
+    else:
+        th1 = th0 - A.T @ np.linalg.solve(A @ A.T + DEFAULT_DAMPING * np.eye(6), r64)
+    got = np.concatenate([np.asarray(new["w"])[:, 0], np.asarray(new["b"])])
+    # measured: step f32 1.3e-6 (jitter 1.5e-5 on a Gram of scale ~20), f64 7e-15;
+    # fit f32 7e-6, f64 1.4e-14 (damping 0) or 4.5e-7 (the default damping's bias)
+    f64 = dtype == jnp.float64
+    assert rel_err(got, th1) < (1e-12 if f64 else 1e-5)
+    assert rel_err(f(new, x), y) < ((2e-6 if damping is None else 1e-12) if f64 else 1e-4)
+    if damping == 0.0:
+        assert float(st.jitter) > 0  # the solve was singular: the jitter is on record
+    # a well-posed system needs none
+    x2, y2 = x[:5], y[:5]
+    _, st2 = tx.update(None, tx.init(p), p, x=x2, residual=f(p, x2) - y2)
+    assert float(st2.jitter) == 0.0
+
+
+def test_ngd_singular_cross_entropy_step_is_finite(dtype):
+    """The Gauss-Newton solve with a damping below the working precision: finite, jittered."""
+    n, d, k = 4, 3, 3
+    f, p, x = _tanh_net(n, d, 6, k, dtype)
+    x = jnp.concatenate([x, x[:1]])
+    y = jax.nn.one_hot(jnp.array([0, 2, 1, 1, 0]), k, dtype=dtype)
+    probs = jax.nn.softmax(f(p, x), axis=-1)
+    tx = ngd(1.0, damping=1e-30, apply_fn=f, loss="softmax_cross_entropy")
+    u, st = tx.update(None, tx.init(p), p, x=x, residual=probs - y)
+    for leaf in jax.tree_util.tree_leaves(u):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert float(st.jitter) > 0
 
 
 def test_ngd_apply_fn_extra_argument_and_chain(dtype):

@@ -1,4 +1,4 @@
-"""The public API contract of DESIGN.md, exercised as a user writes it."""
+"""The public API contract (README.md, "Python API"), exercised as a user writes it."""
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
 from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
@@ -57,6 +57,7 @@ def test_ngd_rate_is_one_minus_eta(dtype):
     assert abs(np.mean(ratios) / (1 - eta) ** 2 - 1) < 0.1
 
 
+@needs_x64
 def test_ngd_eta1_beats_gd_at_its_largest_stable_step():
     dtype = jnp.float64
     x, y = _data(dtype)
@@ -76,6 +77,7 @@ def test_ngd_eta1_beats_gd_at_its_largest_stable_step():
     assert np.all(G > 1e-4 * G[0])  # still not there after 10x the steps
 
 
+@needs_x64
 @pytest.mark.parametrize("width, close", [(16384, True), (64, False)])
 def test_gd_loss_follows_analytic_gram_prediction(width, close):
     """Loss vs 1/2 ||(I - eta H^inf)^k (u0 - y)||^2 (Arora et al. 2019, Thm 4.1) for 200 steps."""
@@ -93,6 +95,7 @@ def test_gd_loss_follows_analytic_gram_prediction(width, close):
         assert gap > 0.05
 
 
+@needs_x64
 def test_trained_net_matches_infinite_width_mean_given_f0():
     """After convergence, test outputs ~ f0(x) + H(x, X) H^-1 (y - f0(X)) (Jacot et al. sec. 5)."""
     dtype = jnp.float64
@@ -108,6 +111,7 @@ def test_trained_net_matches_infinite_width_mean_given_f0():
     assert rel_err(f(res.params, xt)[:, 0], pred) < 0.05
 
 
+@needs_x64
 def test_linearised_net_tracks_trained_net_better_as_width_grows():
     dtype = jnp.float64
     x, y = _data(dtype)
@@ -226,6 +230,7 @@ def test_mean_and_sum_losses_scale_consistently(dtype, tol):
                    ) < tol["exact"]
 
 
+@needs_x64
 @pytest.mark.parametrize("replace", [False, True])
 def test_sgd_converges_to_interpolant_on_consistent_linear_problem(replace):
     dtype = jnp.float64
@@ -262,6 +267,7 @@ def test_trainable_mask_freezes_leaves(dtype):
         train(f, p, x, y, optimizer=gd(0.1), steps=1, trainable={"layers": {0: False, 1: False}})
 
 
+@needs_x64
 def test_records_distance_flips_and_width_rate():
     """Du et al. Fig. 1: flips and max_r ||w_r(k) - w_r(0)|| shrink with m; distance ~ m^-1/2."""
     dtype = jnp.float64
@@ -287,6 +293,7 @@ def test_records_distance_flips_and_width_rate():
     assert flips[0] > flips[-1]
 
 
+@needs_x64
 def test_zero_steps_records_initial_state():
     x, y = _data(jnp.float64, n=8)
     f, p = _net(16, jnp.float64)
@@ -365,6 +372,7 @@ def test_cross_entropy_gd_matches_optax_loss_and_gradient(dtype, tol):
     assert rel_err(res2.losses, res.losses) < 10 * tol["exact"]
 
 
+@needs_x64
 def test_gauss_newton_ngd_beats_gd_on_cross_entropy():
     """GGN natural gradient (eta = 1, small damping) against GD at its best of three steps.
 

@@ -10,10 +10,19 @@
 
 Errors a user can cause (bad config, missing file, unknown experiment, a GPU
 asked for but absent) print one line ``ntkexp: error: ...`` on stderr and exit
-with status 2, without a traceback. ``run`` ends by printing the run folder and
-the main figure (and, when an experiment used a Monte Carlo estimate of the
-infinite-width limit because the architecture registers no analytic kernel, a
-``limit: ...`` line saying so). The default run folder is
+with status 2, without a traceback, and write nothing. Any other exception (a
+bug, an experiment's ``NotImplementedError``, a divergence) prints one line
+``ntkexp: error: <Type>: <message> ...`` and exits with status 1; for ``run``
+the line names the run folder, which is left consistent and can be resumed:
+finished units are kept, a folder this call created with none in it is removed,
+and an unfinished run keeps no ``summary.json`` (headline numbers exist only
+beside the ``meta.json`` that marks a run complete). ``NTKEXP_TRACEBACK=1``
+re-raises instead, for debugging (docs/conventions.md, "Errors").
+
+``run`` ends by printing the run folder and the main figure (and, when an
+experiment used a Monte Carlo estimate of the infinite-width limit because the
+architecture registers no analytic kernel, a ``limit: ...`` line saying so). The
+default run folder is
 ``runs/<config stem>[-<preset>]``.
 """
 
@@ -25,10 +34,15 @@ import sys
 from collections.abc import Sequence
 
 USAGE_ERROR = 2
+RUN_ERROR = 1
 
 
 class _OneLineError(Exception):
     pass
+
+
+class _RunFailed(Exception):
+    """A non-user exception inside ``run``, already tidied up: one line, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +103,18 @@ def _cmd_run(args) -> int:
 
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
     out = args.out or default_run_dir(args.config, args.preset)
-    res = run(cfg, out, force=args.force, quiet=args.quiet)
+    existed = os.path.exists(out)
+    try:
+        res = run(cfg, out, force=args.force, quiet=args.quiet)
+    except _user_error_types():
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in one line, the folder tidied
+        if _traceback_wanted():
+            raise
+        kept = _tidy_failed_run(out, existed)
+        where = (f"run folder {out} can be resumed: {kept} finished unit(s) kept, rerun the "
+                 "same command" if os.path.isdir(out) else "nothing was written")
+        raise _RunFailed(f"run failed: {_describe(e)} ({where})") from None
     limit = res.summary.get("limit") if isinstance(res.summary, dict) else None
     if isinstance(limit, dict) and limit.get("method") == "monte_carlo":
         print(f"limit: {limit.get('note', 'Monte Carlo estimate')}")
@@ -97,6 +122,51 @@ def _cmd_run(args) -> int:
     if res.main_figure:  # processes other than 0 of a multi-process run draw nothing
         print(f"figure: {res.main_figure}")
     return 0
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from ntkexp.config import ConfigError
+    from ntkexp.data import DataError
+    from ntkexp.experiments.base import UserError
+    from ntkexp.registry import RegistryError
+
+    return (_OneLineError, ConfigError, UserError, DataError, RegistryError)
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get("NTKEXP_TRACEBACK", "").strip().lower() in ("1", "true", "yes")
+
+
+def _describe(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _tidy_failed_run(out: str, existed: bool) -> int:
+    """Leave the folder of a failed run consistent; return how many finished units it keeps.
+
+    Finished units (``units/*.npz``) are kept for the rerun. Without a
+    ``meta.json`` (the run never completed) a ``summary.json`` is removed, so no
+    headline numbers stand beside units or a config they may not describe. A
+    folder this call created and in which no unit finished is removed.
+    """
+    import contextlib
+    import glob
+    import shutil
+
+    if not os.path.isdir(out):
+        return 0
+    units = glob.glob(os.path.join(out, "units", "*.npz"))
+    if not existed and not units:
+        shutil.rmtree(out, ignore_errors=True)
+        return 0
+    if not os.path.exists(os.path.join(out, "meta.json")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, "summary.json"))
+    for tmp in glob.glob(os.path.join(out, "**", ".*.tmp"), recursive=True):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return len(units)
 
 
 def _cmd_validate(args) -> int:
@@ -237,10 +307,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split("\n"))
         print(f"ntkexp: error: {msg}", file=sys.stderr)
         return USAGE_ERROR
+    except _RunFailed as e:
+        print(f"ntkexp: error: {e}", file=sys.stderr)
+        return RUN_ERROR
     except KeyboardInterrupt:
         print("ntkexp: interrupted (finished units are kept; rerun to complete)",
               file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - any other command's failure: one line, exit 1
+        if _traceback_wanted():
+            raise
+        print(f"ntkexp: error: {_describe(e)} (NTKEXP_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return RUN_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -759,6 +759,10 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
                     device=scalars.device, plugins=scalars.plugins,
                     description=scalars.description, presets=scalars.presets,
                     source=source, preset=preset)
+    bs = cfg.train.batch_size
+    if bs is not None and bs > cfg.data.n_train:  # train() would refuse it after set-up
+        raise ConfigError(f"{_where(source, 'train.batch_size')}: {bs} is larger than the "
+                          f"{cfg.data.n_train} training points (data.n_train)")
     check = getattr(exp, "check", None)
     if check is not None:
         try:

@@ -37,8 +37,11 @@ Four ways to compute it (``method=``):
   traced kernels and ``"jvp"`` for full kernels with more than two outputs.
 
 All methods tile the input pairs into blocks (``block_size``) to bound memory,
-are jit-compiled, follow the dtype of ``params``, and work under ``jax.vmap``
-over a stack of parameter sets. ``apply_fn(params, x)`` must treat examples
+are jit-compiled, and work under ``jax.vmap`` over a stack of parameter sets.
+They follow JAX's type promotion: the kernel is computed in the promoted
+dtype of the parameters and the inputs (float32 parameters with float64
+inputs give a float64 kernel, the Jacobians taken in float64 too), never
+silently cast down to the parameters' dtype. ``apply_fn(params, x)`` must treat examples
 independently (as every model with frozen state does).
 """
 
@@ -115,6 +118,28 @@ def _check_fit(apply_fn, params, x) -> jax.ShapeDtypeStruct:
     if key is not None:
         _FIT_CACHE[key] = out
     return out
+
+
+def _promote_params(params, x1, x2):
+    """Floating ``params`` leaves upcast to their promoted dtype with the inputs.
+
+    Differentiating with respect to upcast parameters gives the same kernel
+    (the function is the same) with every product in the wider dtype; float64
+    parameters and float32 inputs are left alone (the models promote the
+    inputs). Integer inputs do not promote anything.
+    """
+    xs = [x for x in (x1, x2) if x is not None and jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [l for l in jax.tree_util.tree_leaves(params)
+              if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
+    if not xs or not leaves:
+        return params
+    dt = jnp.result_type(*leaves, *xs)
+
+    def up(l):
+        ldt = jnp.result_type(l)
+        return l.astype(dt) if jnp.issubdtype(ldt, jnp.inexact) and ldt != dt else l
+
+    return jax.tree_util.tree_map(up, params)
 
 
 def _check_inputs(x1, x2):
@@ -473,6 +498,7 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     block_size = _check_block(block_size)
     x1, x2 = _check_inputs(x1, x2)
+    params = _promote_params(params, x1, x2)
     out = _check_fit(apply_fn, params, x1)
     sym = x2 is None
     n1 = x1.shape[0]
@@ -580,6 +606,7 @@ def empirical_nngp(apply_fn, params, x1, x2=None, *, block_size: int | None = No
     """
     block_size = _check_block(block_size)
     x1, x2 = _check_inputs(x1, x2)
+    params = _promote_params(params, x1, x2)
     _check_fit(apply_fn, params, x1)
     if not _has_readout(apply_fn, params, x1):
         raise ValueError(

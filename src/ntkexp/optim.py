@@ -45,6 +45,11 @@ from ntkexp.registry import Registry
 Array = jax.Array
 ScalarOrSchedule = float | Callable[[Array], Array]
 
+#: ``ngd``'s default damping (see :func:`ngd`).
+DEFAULT_DAMPING = 1e-6
+# Retries of a failed NGD solve, each with a jitter ten times larger.
+_JITTER_TRIES = 16
+
 OPTIMIZERS: Registry[Callable[..., optax.GradientTransformationExtraArgs]] = Registry("optimizer")
 
 
@@ -55,9 +60,16 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 class NGDState(NamedTuple):
-    """State of :func:`ngd`: the step count (for schedules)."""
+    """State of :func:`ngd`.
+
+    Attributes:
+      count: the step count (for schedules).
+      jitter: the largest jitter :func:`ngd` had to add to ``damping`` so far
+        (0 when every solve was well posed); see :func:`ngd_dual_coefficients`.
+    """
 
     count: Array
+    jitter: Array
 
 
 def _cached(factory):
@@ -146,7 +158,7 @@ def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformationExtraArg
 def ngd(
     learning_rate: ScalarOrSchedule,
     *,
-    damping: float = 0.0,
+    damping: float = DEFAULT_DAMPING,
     apply_fn: Callable | None = None,
     ntk_method: str = "auto",
     loss: str = "squared",
@@ -177,7 +189,15 @@ def ngd(
     Args:
       learning_rate: ``eta > 0`` or a schedule. ``eta = 1`` with zero damping
         interpolates the batch in one step for a linear model.
-      damping: ``lambda >= 0`` added to the diagonal of ``J J^T``.
+      damping: ``lambda >= 0`` added to the diagonal of ``J J^T``. The
+        default, ``DEFAULT_DAMPING = 1e-6``, is negligible next to an NTK
+        diagonal of order one (``Theta(x, x) = (depth + 1) |x|^2 / d`` for a
+        ReLU MLP in NTK parameterization without bias) and keeps the step
+        defined when the batch repeats a point. ``damping=0`` is exact NGD
+        (Zhang et al. 2019, eq. 4). Whatever the damping, a solve that is
+        singular or ill-conditioned in the working precision gets a jitter
+        added to its diagonal (never a NaN); the largest one is recorded in
+        the state, ``NGDState.jitter`` (see :func:`ngd_dual_coefficients`).
       apply_fn: ``apply_fn(params, x) -> (n, out_dim)``. May be omitted if the
         caller passes it as an extra argument (``train`` does).
       ntk_method: ``method`` passed to ``ntkexp.empirical_ntk``.
@@ -198,8 +218,9 @@ def ngd(
     default_apply, default_loss = apply_fn, loss
 
     def init(params):
-        del params
-        return NGDState(count=jnp.zeros([], jnp.int32))
+        leaves = jax.tree_util.tree_leaves(params)
+        dt = jnp.result_type(*leaves) if leaves else jnp.float32
+        return NGDState(count=jnp.zeros([], jnp.int32), jitter=jnp.zeros([], dt))
 
     def update(grads, state, params=None, *, x=None, residual=None, apply_fn=None, loss=None,
                **extra):
@@ -213,12 +234,13 @@ def ngd(
         _check_ngd_loss(kind, damping)
         out, vjp = jax.vjp(lambda p: fn(p, x), params)
         probs = jax.nn.softmax(out, axis=-1) if kind == "softmax_cross_entropy" else None
-        alpha = ngd_dual_coefficients(fn, params, x, residual, damping=damping, method=ntk_method,
-                                      probs=probs)
+        alpha, jitter = _dual_coefficients(fn, params, x, residual, damping=damping,
+                                           method=ntk_method, probs=probs)
         (direction,) = vjp(alpha.reshape(out.shape).astype(out.dtype))
         lr = _lr_at(learning_rate, state.count)
         updates = jax.tree_util.tree_map(lambda d, p: (-lr * d).astype(p.dtype), direction, params)
-        return updates, NGDState(count=optax.safe_increment(state.count))
+        jitter = jnp.maximum(state.jitter, jitter.astype(state.jitter.dtype))
+        return updates, NGDState(count=optax.safe_increment(state.count), jitter=jitter)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -234,8 +256,8 @@ def _check_ngd_loss(loss, damping) -> None:
                          "(H 1 = 0); give damping > 0")
 
 
-def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=0.0, method="auto",
-                          probs=None) -> Array:
+def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=DEFAULT_DAMPING,
+                          method="auto", probs=None) -> Array:
     """``(J J^T + damping I)^(-1) residual`` by Cholesky: shape ``(n, out_dim)``.
 
     ``J J^T`` is the empirical NTK of ``apply_fn`` on ``x`` with output blocks
@@ -243,7 +265,24 @@ def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=0.0, method=
     With ``probs`` ``(n, out_dim)`` (softmax outputs) it is
     ``(H J J^T + damping I)^(-1) residual`` instead, ``H`` the block-diagonal
     softmax Hessian ``diag(p_i) - p_i p_i^T`` (LU solve).
+
+    Singular and ill-conditioned systems (a repeated point with
+    ``damping=0``, or a damping below the working precision) never give a
+    NaN: a solve counts as failed when its factor is not finite or when a
+    pivot (``L_ii^2`` for Cholesky, ``|U_ii|`` for LU) falls below
+    ``m eps max_i |A_ii|`` (the factorisation's backward error; ``A`` the
+    damped matrix, ``m = n * out_dim``, ``eps`` the dtype's machine
+    epsilon), and is then retried with a jitter ``m eps max_i A_ii
+    10^k``, ``k = 0, 1, ...`` (at most 16 tries) added to the damping. The
+    jitter used is returned by the optimizer's state (``NGDState.jitter``);
+    here it is only applied.
     """
+    return _dual_coefficients(apply_fn, params, x, residual, damping=damping, method=method,
+                              probs=probs)[0]
+
+
+def _dual_coefficients(apply_fn, params, x, residual, *, damping, method, probs):
+    """:func:`ngd_dual_coefficients` and the jitter it added (a 0-d array, 0 if none)."""
     from ntkexp.empirical import empirical_ntk
 
     out = jax.eval_shape(lambda p: apply_fn(p, x), params)
@@ -257,15 +296,54 @@ def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=0.0, method=
         G = jnp.transpose(G4, (0, 2, 1, 3)).reshape(n * k, n * k)
     G = 0.5 * (G + G.T)
     rhs = r.reshape(n * k).astype(G.dtype)
-    eye = jnp.eye(n * k, dtype=G.dtype)
+    m = n * k
+    eps = jnp.finfo(G.dtype).eps
     if probs is not None:
         p = jnp.asarray(probs, G.dtype).reshape(n, k)
         H = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p)  # (n, k, k)
-        HG = jnp.einsum("iab,ibjc->iajc", H, G.reshape(n, k, n, k)).reshape(n * k, n * k)
-        return jnp.linalg.solve(HG + damping * eye, rhs).reshape(n, k)
-    L = jnp.linalg.cholesky(G + damping * eye)
-    alpha = jax.scipy.linalg.cho_solve((L, True), rhs)
-    return alpha.reshape(n, k)
+        A = jnp.einsum("iab,ibjc->iajc", H, G.reshape(n, k, n, k)).reshape(n * k, n * k)
+    else:
+        A = G
+    scale = jnp.max(jnp.abs(jnp.diagonal(A))) + damping
+    floor = m * eps * jnp.where(scale > 0, scale, 1.0)  # the factorisations' backward error
+    if probs is not None:
+
+        def solve(A_):
+            lu, piv = jax.scipy.linalg.lu_factor(A_)
+            ok = jnp.all(jnp.isfinite(lu)) & (jnp.min(jnp.abs(jnp.diagonal(lu))) > floor)
+            return jax.scipy.linalg.lu_solve((lu, piv), rhs), ok
+    else:
+
+        def solve(A_):
+            L = jnp.linalg.cholesky(A_)
+            piv = jnp.diagonal(L) ** 2
+            ok = jnp.all(jnp.isfinite(L)) & (jnp.min(piv) > floor)
+            return jax.scipy.linalg.cho_solve((L, True), rhs), ok
+
+    eye = jnp.eye(m, dtype=G.dtype)
+    alpha, jitter = _solve_with_jitter(solve, A + damping * eye, eye, floor)
+    return alpha.reshape(n, k), jitter
+
+
+def _solve_with_jitter(solve, A, eye, base):
+    """``solve(A)``, retried with ``A + base 10^k I`` (k = 0, 1, ...) until it reports ok.
+
+    Returns ``(solution, jitter)`` with ``jitter`` 0 when the first solve was fine.
+    """
+    z0, ok0 = solve(A)
+    zero = jnp.zeros([], A.dtype)
+
+    def cond(c):
+        return (~c[2]) & (c[3] < _JITTER_TRIES)
+
+    def body(c):
+        _, _, _, t = c
+        j = base * jnp.asarray(10.0, A.dtype) ** t.astype(A.dtype)
+        z, ok = solve(A + j * eye)
+        return z, j, ok, t + 1
+
+    z, jitter, _, _ = jax.lax.while_loop(cond, body, (z0, zero, ok0, jnp.zeros([], jnp.int32)))
+    return z, jitter
 
 
 def _opt_builder(factory):

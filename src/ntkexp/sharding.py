@@ -1,6 +1,7 @@
 """Multi-device execution with JAX's own sharding (Mesh, NamedSharding, shard_map).
 
-Three things scale past one device (DESIGN.md, "CPU and GPU"):
+Three things scale past one device (the same code on CPU and GPU; on CPU the
+multi-device paths are tested with ``--xla_force_host_platform_device_count=4``):
 
 * kernel blocks -- :func:`sharded_kernel` splits the rows of ``x1`` across the
   devices of a 1-D mesh and runs ``fn(x1_block, x2)`` on each with

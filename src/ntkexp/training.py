@@ -200,9 +200,10 @@ def _loss_and_grad(cfg: _Config, frozen, p, xb, yb):
         def pull(c):
             return pull_tr(c)[0]
     val, r = _value_and_residual(cfg, out, yb)
-    if cfg.loss_reduction == "mean":
-        return val, r, pull(r / xb.shape[0])
-    return val, r, pull(r)
+    # the cotangent in the outputs' dtype, as jax.grad rounds it at the promotion of
+    # float32 outputs beside float64 targets
+    c = (r / xb.shape[0] if cfg.loss_reduction == "mean" else r).astype(out.dtype)
+    return val, r, pull(c)
 
 
 def _batch_indices(cfg: _Config, key, step, n):
@@ -657,7 +658,6 @@ def train(
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError("params is empty")
-    dtype = leaves[0].dtype
     K = None
     if ensemble:
         shapes = {jnp.shape(l)[:1] for l in leaves}
@@ -670,19 +670,21 @@ def train(
     ) if ensemble else params
     out = _output_shape(apply_fn, one_params, x)
     if loss == "softmax_cross_entropy":
-        y = _class_targets(y, labels, out.shape, dtype)
+        y = _class_targets(y, labels, out.shape, out.dtype)
     if tuple(out.shape) != tuple(y.shape):
         raise ValueError(
             f"model output has shape {tuple(out.shape)} but y has shape {tuple(y.shape)}"
         )
-    y = y.astype(dtype)
+    # targets promote with the outputs (JAX's rules): float64 targets beside a
+    # float32 network give a float64 loss; nothing is silently cast down
+    y = y.astype(jnp.result_type(out.dtype, y.dtype))
     if y_members is not None:
         if y_members.ndim == 2:
             y_members = y_members[..., None]
         if tuple(y_members.shape) != (K, *y.shape):
             raise ValueError(f"per-member targets must have shape {(K, *y.shape)}, got "
                              f"{tuple(y_members.shape)}")
-        y = y_members.astype(dtype)
+        y = y_members.astype(jnp.result_type(out.dtype, y_members.dtype))
     if batch_size is not None:
         batch_size = _check_int("batch_size", batch_size, 1)
         if batch_size > n:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.arora2019 as A
-from conftest import run_tiny
+from conftest import needs_x64, run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.data import DataError
@@ -65,9 +65,9 @@ def test_randomized_labels_are_nested_and_of_the_right_size():
     for i in range(1, 4):
         prev = changed[i - 1]
         np.testing.assert_array_equal(out[i][prev], out[i - 1][prev])
-    # fully random labels agree with the truth about half the time (binomial, 6 sd)
+    # fully random labels agree with the truth about half the time (binomial, 4 sd)
     agree = np.mean(out[-1] == y)
-    assert abs(agree - 0.5) < 6 * 0.5 / np.sqrt(n)
+    assert abs(agree - 0.5) < 4 * 0.5 / np.sqrt(n)
 
 
 # --------------------------------------------------------------------------
@@ -86,6 +86,7 @@ def test_gram_at_is_the_empirical_ntk_of_the_two_layer_net(dtype, tol):
                                atol=50 * tol["exact"])
 
 
+@needs_x64
 def test_gram_at_converges_to_h_inf_at_rate_sqrt_m():
     x = _sphere(12, 6, jnp.float64, seed=2)
     Hinf = np.asarray(A.gram_inf(x))
@@ -113,7 +114,9 @@ def test_symmetric_init_has_zero_output_and_paired_units(dtype):
     W, a = np.asarray(params["W"]), np.asarray(params["a"])
     np.testing.assert_array_equal(W[:, :20], W[:, 20:])
     np.testing.assert_array_equal(a[:20], -a[20:])
-    assert params["W"].dtype == dtype and abs(W.std() - 0.7) < 0.25
+    # 180 independent N(0, 0.7^2) draws: the sample sd has standard error 0.7 / sqrt(360);
+    # allow 4 of them (was 0.25, about 7)
+    assert params["W"].dtype == dtype and abs(W.std() - 0.7) < 4 * 0.7 / np.sqrt(2 * 180)
 
 
 def test_config_errors_are_one_line():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.lee2020 as L
-from conftest import run_tiny
+from conftest import needs_x64, run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.data import DataError
@@ -58,6 +58,7 @@ def test_power_iteration_matches_the_jacobian_eigenvalue(dtype, out_dim):
     assert lam == pytest.approx(truth, rel=1e-3 if dtype == jnp.float32 else 1e-6)
 
 
+@needs_x64
 def test_standard_parameterization_ntk_grows_with_width():
     # NTK param.: lambda_max(Theta_0) has a width-independent limit; standard param.: the
     # hidden-to-output gradients grow with width, so the step eta ~ 1/lambda must shrink
@@ -82,6 +83,7 @@ def test_class_targets_zero_mean_one_hot():
         L.class_targets(np.array([[0.5], [1.0]]), np.zeros((0, 1)))
 
 
+@needs_x64  # float64 inputs and float64 tolerances
 def test_preprocess_standardize():
     rng = np.random.default_rng(0)
     xtr, xte = rng.uniform(size=(30, 8)), rng.uniform(size=(10, 8))

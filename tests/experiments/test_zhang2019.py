@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ntkexp.experiments.zhang2019 as zh
-from conftest import run_tiny
+from conftest import needs_x64, run_tiny
 from ntkexp import config as C
 from ntkexp.cli import main
 from ntkexp.experiments.du2019 import h_infinity
@@ -57,6 +57,7 @@ def _sphere(n, d, key, dtype, near_duplicate: float | None = None):
     return x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
 
+@needs_x64
 @pytest.mark.parametrize("dup", [None, 0.2], ids=["spread", "near_duplicate"])
 def test_ngd_rate_ignores_lambda_min_gd_rate_follows_it(dup):
     """Two datasets whose lambda_min(H^inf) differ ~4x: NGD contracts by 1 - eta on both;
@@ -82,6 +83,7 @@ def test_ngd_rate_ignores_lambda_min_gd_rate_follows_it(dup):
         assert lam[0] < 0.07 and late > 0.93  # GD crawls, NGD does not
 
 
+@needs_x64
 def test_ngd_needs_more_width_when_lambda_min_is_tiny():
     """Zhang et al.'s width requirement grows as lambda_min shrinks: with a near-duplicate
     pair (lambda_min(H^inf) ~ 0.012) NGD's contraction misses 1 - eta at m = 4096 and

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import needs_x64
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
@@ -18,11 +19,24 @@ def _x(seed, n, d, dtype=jnp.float64):
     return jax.random.normal(jax.random.key(seed), (n, d), dtype)
 
 
+@needs_x64
 @pytest.mark.slow
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000), act=st.sampled_from(ACTS), depth=st.integers(1, 3),
        b=st.sampled_from([0.0, 0.3]), n=st.integers(3, 9))
 def test_symmetric_psd_and_slices(seed, act, depth, b, n):
+    _check_symmetric_psd_and_slices(seed, act, depth, b, n)
+
+
+@needs_x64
+@pytest.mark.parametrize(("seed", "act", "depth", "b", "n"),
+                         [(0, "relu", 2, 0.3, 5), (1, "erf", 1, 0.0, 4)])
+def test_symmetric_psd_and_slices_fast(seed, act, depth, b, n):
+    """The fast twin of the property test above: two fixed draws."""
+    _check_symmetric_psd_and_slices(seed, act, depth, b, n)
+
+
+def _check_symmetric_psd_and_slices(seed, act, depth, b, n):
     spec = MLPSpec(depth=depth, width=1, activation=act, W_std=1.4, b_std=b)
     x = _x(seed, n, 3)
     k = analytic_kernel(spec, x)
@@ -44,6 +58,7 @@ def test_symmetric_psd_and_slices(seed, act, depth, b, n):
                                atol=1e-14)
 
 
+@needs_x64
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000), a=st.floats(0.1, 10.0), b=st.floats(0.1, 10.0),
        depth=st.integers(1, 4))
@@ -56,6 +71,7 @@ def test_relu_positive_homogeneity(seed, a, b, depth):
         np.testing.assert_allclose(float(ms[0, 0]), a * b * float(m[0, 0]), rtol=1e-12)
 
 
+@needs_x64
 def test_monte_carlo_nngp_clt_rate():
     # depth 1: hidden pre-activations are exactly Gaussian, so the mean empirical
     # NNGP is unbiased and its error must shrink like K^(-1/2).
@@ -79,18 +95,28 @@ def test_monte_carlo_nngp_clt_rate():
     assert 2.5 < ratio < 6.5, errs
 
 
+@needs_x64
 @pytest.mark.slow
 def test_standard_parameterization_ntk_is_expected_empirical_ntk():
     # depth 1: E over initialisations of the empirical NTK is exactly the formula
     # (independent W and v); compare within Monte Carlo standard errors.
-    spec = MLPSpec(depth=1, width=32, activation="relu", W_std=1.2, b_std=0.5,
+    _check_standard_ntk_is_expected_empirical_ntk(width=32, n=4, inits=300)
+
+
+@needs_x64
+def test_standard_parameterization_ntk_is_expected_empirical_ntk_fast():
+    """The fast twin: the same property at width 16, 3 points, 64 initialisations."""
+    _check_standard_ntk_is_expected_empirical_ntk(width=16, n=3, inits=64)
+
+
+def _check_standard_ntk_is_expected_empirical_ntk(width, n, inits):
+    spec = MLPSpec(depth=1, width=width, activation="relu", W_std=1.2, b_std=0.5,
                    parameterization="standard")
-    x = _x(3, 4, 3)
+    x = _x(3, n, 3)
     ref = np.asarray(analytic_kernel(spec, x).ntk)
     app = MLPApply(spec)
-    keys = jax.random.split(jax.random.key(11), 300)
-    plist = [init_params(spec, 3, k, jnp.float64) for k in keys]
-    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *plist)
+    keys = jax.random.split(jax.random.key(11), inits)
+    params = jax.vmap(lambda k: init_params(spec, 3, k, jnp.float64))(keys)
     ks = np.asarray(jax.vmap(lambda p: empirical_ntk(app, p, x, method="jacobian"))(params))
     mean, se = ks.mean(0), ks.std(0) / np.sqrt(len(ks))
     assert np.all(np.abs(mean - ref) < 5 * se + 1e-9)

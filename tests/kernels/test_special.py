@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs_x64
 from ntkexp.kernels import analytic_kernel, arora_ntk, c_sigma, du_gram, two_layer_relu_ntk_sphere
 from ntkexp.models.mlp import MLPSpec
 
@@ -29,6 +30,7 @@ def _arora_direct(x, depth):
     return theta
 
 
+@needs_x64
 @pytest.mark.parametrize("depth", [1, 3])
 def test_arora_ntk_matches_its_recursion(depth):
     x = np.asarray(jax.random.normal(jax.random.key(depth), (6, 5), jnp.float64))
@@ -36,6 +38,7 @@ def test_arora_ntk_matches_its_recursion(depth):
                                rtol=1e-7)
 
 
+@needs_x64  # float64 inputs and float64 tolerances
 def test_c_sigma_values():
     assert c_sigma("relu") == pytest.approx(2.0, rel=1e-15)
     assert c_sigma("identity") == pytest.approx(1.0, rel=1e-15)
@@ -47,6 +50,7 @@ def test_c_sigma_values():
     assert c_sigma("tanh") == pytest.approx(1 / m, rel=1e-9)
 
 
+@needs_x64  # float64 inputs and float64 tolerances
 def test_two_layer_sphere_equals_general_recursion():
     x = _unit(0, 7, 4)
     x[1] = -x[0]
@@ -68,6 +72,7 @@ def test_two_layer_sphere_equals_general_recursion():
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
+@needs_x64  # float64 inputs and float64 tolerances
 def test_du_gram_formula_and_recursion():
     x = _unit(1, 6, 5)
     x[1] = x[0]

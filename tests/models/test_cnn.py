@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.kernels.cnn import cnn_kernel
@@ -200,6 +200,7 @@ def test_image_shape_from_inputs(dtype, tol):
         cnn_kernel(spec, jnp.ones((2, 3, 3, 3, 1)))
 
 
+@needs_x64
 def test_registered():
     arch = ARCHITECTURES.get("cnn")
     spec = arch.make_spec(depth=1, width=8, image_shape=(4,), readout="gap")
@@ -219,6 +220,7 @@ def _mean_ntk(spec, x, seeds, key=0):
     return jnp.mean(jax.lax.map(one, jax.random.split(jax.random.key(key), seeds)), axis=0)
 
 
+@needs_x64
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cntk_gap_monte_carlo(shape):
     """CNTK-GAP vs the mean empirical NTK over 48 inits at width 64: within 5%."""
@@ -227,12 +229,14 @@ def test_cntk_gap_monte_carlo(shape):
     assert rel_err(_mean_ntk(spec, x, 48), cnn_kernel(spec, x).ntk) < 0.05
 
 
+@needs_x64
 def test_cntk_vec_monte_carlo():
     x = _images(jax.random.key(9), 3, (4, 4), 2, jnp.float64)
     spec = CNNSpec(depth=2, width=64, image_shape=(4, 4), readout="vec", W_std=1.4, b_std=0.2)
     assert rel_err(_mean_ntk(spec, x, 48), cnn_kernel(spec, x).ntk) < 0.05
 
 
+@needs_x64
 @pytest.mark.parametrize("readout", ["gap", "vec"])
 def test_nngp_monte_carlo(readout):
     """Output covariance over 2000 inits (width 16) vs the analytic NNGP within 10%."""
@@ -265,6 +269,7 @@ def _errors(spec, x, widths, seeds):
     return np.array(errs)
 
 
+@needs_x64
 def test_empirical_converges_fast():
     """Fast check: error falls from width 16 to 256 by more than 2x (1/sqrt(n) predicts 4x)."""
     x = _images(jax.random.key(11), 3, (6,), 2, jnp.float64)
@@ -276,6 +281,7 @@ def test_empirical_converges_fast():
 CASES = [((6,), "gap"), ((6,), "vec"), ((4, 4), "gap"), ((4, 4), "vec")]
 
 
+@needs_x64
 @pytest.mark.slow
 @pytest.mark.parametrize(("shape", "readout"), CASES)
 def test_empirical_convergence_rate_one_layer(shape, readout):
@@ -294,6 +300,7 @@ def test_empirical_convergence_rate_one_layer(shape, readout):
     assert -0.65 <= slope <= -0.35, (slope, e)
 
 
+@needs_x64
 @pytest.mark.slow
 @pytest.mark.parametrize(("shape", "readout"), CASES)
 def test_empirical_convergence_rate_two_layers(shape, readout):
@@ -311,6 +318,7 @@ def test_empirical_convergence_rate_two_layers(shape, readout):
     assert -0.65 <= slope <= -0.35, (slope, e)
 
 
+@needs_x64
 @pytest.mark.parametrize("b_std", [0.0, 0.1])
 def test_gradients_finite_at_edges(b_std):
     """d(kernel)/dx has no NaN with a zero image and cos = 1 on the diagonal (arccos edge)."""

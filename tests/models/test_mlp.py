@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.models.mlp import MLP, MLPApply, MLPSpec, functional, init_params
 
 
+@needs_x64
 def test_init_statistics_match_the_parameterization():
     """NTK param stores N(0,1); standard stores N(0, W_std^2/n_in) and N(0, b_std^2)."""
     base = dict(depth=1, width=512, W_std=1.5, b_std=0.3)

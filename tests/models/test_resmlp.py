@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels import analytic_kernel
 from ntkexp.kernels.resmlp import resmlp_kernel
@@ -43,6 +43,7 @@ def test_symmetry_blocks_and_edges(dtype, tol):
     assert np.linalg.eigvalsh(np.asarray(k.ntk, np.float64)).min() > -1e-5 * np.abs(k.ntk).max()
 
 
+@needs_x64
 def test_variance_grows_as_predicted():
     """relu, W_std^2 = 2, no bias: each block multiplies q(x, x) by (1 + alpha^2) exactly."""
     x = _x(jax.random.key(3), 3, 4, jnp.float64)
@@ -92,6 +93,7 @@ def test_bad_inputs():
 SPEC = ResMLPSpec(depth=2, width=1, alpha=0.7, W_std=1.4, b_std=0.2)
 
 
+@needs_x64
 def test_ntk_monte_carlo():
     """Mean empirical NTK over 32 inits at width 256 vs the analytic one: within 5%."""
     x = _x(jax.random.key(5), 4, 3, jnp.float64)
@@ -105,6 +107,7 @@ def test_ntk_monte_carlo():
     assert rel_err(K, resmlp_kernel(s, x).ntk) < 0.05
 
 
+@needs_x64
 def test_nngp_monte_carlo():
     """Output covariance over 2000 inits at width 32 vs the analytic NNGP within 10%."""
     x = _x(jax.random.key(6), 4, 3, jnp.float64)
@@ -145,6 +148,7 @@ def test_empirical_convergence_rate():
     assert -0.65 <= slope <= -0.35, (slope, e)
 
 
+@needs_x64
 @pytest.mark.parametrize("b_std", [0.0, 0.1])
 def test_gradients_finite_at_edges(b_std):
     """d(kernel)/dx has no NaN with a zero input and cos = 1 on the diagonal (arccos edge)."""

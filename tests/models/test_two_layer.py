@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.empirical import empirical_ntk
 from ntkexp.models.registry import ARCHITECTURES
 from ntkexp.models.two_layer import (
@@ -58,6 +58,7 @@ def test_forward_matches_formula_and_output_layer_is_frozen(dtype, tol):
     assert np.any(np.asarray(g["W"]) != 0)
 
 
+@needs_x64
 def test_empirical_ntk_converges_to_du_gram():
     """Empirical NTK (first layer only) -> H^inf at rate 1/sqrt(m), for any kappa."""
     x = _sphere(jax.random.key(4), 10, 5, jnp.float64)

@@ -1,6 +1,6 @@
 """Analytic infinite-width NNGP and NTK of an MLP (any activation).
 
-Convention (``shared/reference/README.md``; Jacot et al. 2018, Theorem 1 and
+Convention (``docs/conventions.md``; Jacot et al. 2018, Theorem 1 and
 Proposition 1; Lee et al. 2019, eqs. 4-7), NTK parameterization::
 
     nngp_1 = W_std^2 <x, x'> / d + b_std^2,          ntk_1 = nngp_1,

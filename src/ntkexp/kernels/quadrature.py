@@ -31,10 +31,11 @@ error ``sum_{k > K} a_k b_k (rho^k - rho^(K_{e,o}))``, small everywhere.
 ``Tdot`` is the same with ``phi'``.
 
 Accuracy (float64, defaults ``degree=160``, ``nodes=1201``): about 1e-9 relative on
-the tanh reference case of ``shared/reference`` (pre-activation variances up
-to ~12); see ``tests/kernels/test_quadrature.py``. It degrades gracefully as
-``q`` grows past a few hundred for step-like activations (the tails then carry
-more of the sum); raise ``degree`` and ``nodes`` there.
+the tanh reference case of ``tests/kernels/data/nt_kernels.json``
+(pre-activation variances up to ~12); see ``tests/kernels/test_reference.py``.
+It degrades gracefully as ``q`` grows past a few hundred for step-like
+activations (the tails then carry more of the sum); raise ``degree`` and
+``nodes`` there.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ntkexp.models.validation import SpecActivationMixin
+from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
@@ -343,9 +343,9 @@ class CNNApply:
             raise ValueError(
                 f"params have {len(convs)} conv layers but the spec needs {spec.depth}"
             )
-        ro = params["readout"]
         c_in = convs[0]["W"].shape[-2] if spec.depth else None
-        a = as_images(spec, x, c_in).astype(ro["W"].dtype)
+        a, params = promote(as_images(spec, x, c_in), params)  # JAX promotion, no downcast
+        convs, ro = params["convs"], params["readout"]
         spec = spec.resolve(a.shape[1:])
         act = spec.act
         layer = spec.conv_layer()

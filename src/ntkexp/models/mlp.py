@@ -37,6 +37,7 @@ from ntkexp.models.validation import (
     check_int,
     check_std,
     norm_activation_params,
+    promote,
 )
 
 Array = jax.Array
@@ -138,7 +139,10 @@ class MLP(nnx.Module):
       rngs: ``nnx.Rngs``; parameters are drawn from ``rngs.params()``.
       dtype: parameter dtype (default float32; float64 needs ``jax_enable_x64``).
 
-    Calling the module maps ``x: (n, in_dim)`` to ``(n, out_dim)``.
+    Calling the module maps ``x: (n, in_dim)`` to ``(n, out_dim)``, computed in
+    the promoted dtype of ``x`` and the parameters
+    (:func:`ntkexp.models.validation.promote`: float64 inputs to a
+    float32 network give float64 outputs, never a silent downcast).
     """
 
     def __init__(self, spec: MLPSpec, in_dim: int, *, rngs: nnx.Rngs, dtype=None):
@@ -194,7 +198,7 @@ class MLPApply:
                 f"inputs must have shape (n, {layers[0]['W'].shape[0]}), got {tuple(x.shape)}"
             )
         act = self.spec.act
-        a = x.astype(layers[0]["W"].dtype)
+        a, layers = promote(x, layers)  # JAX promotion: no silent downcast
         inputs = []
         for h in range(n_layers):
             p = layers[h]
@@ -245,7 +249,8 @@ class MLPApply:
             self.forward(params, x)  # raises the forward pass's one-line error
         # forward pass, keeping each layer input and the activation's pullback
         inputs, pulls = [], []
-        a = x.astype(layers[0]["W"].dtype)
+        stored = layers
+        a, layers = promote(x, layers)
         for h in range(n_layers):
             p = layers[h]
             inputs.append(a)
@@ -263,9 +268,11 @@ class MLPApply:
             for h in reversed(range(n_layers)):
                 p = layers[h]
                 w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
-                grads[h] = {"W": w_mult * _weight_grad(inputs[h], g)}
+                # gradients in the parameters' dtype, as jax.vjp gives them
+                dt = {k: v.dtype for k, v in stored[h].items()}
+                grads[h] = {"W": (w_mult * _weight_grad(inputs[h], g)).astype(dt["W"])}
                 if "b" in p:
-                    grads[h]["b"] = b_mult * jnp.sum(g, axis=0)
+                    grads[h]["b"] = (b_mult * jnp.sum(g, axis=0)).astype(dt["b"])
                 if h > 0:
                     # g W^T as one dot_general (no transposed copy of W)
                     ga = jax.lax.dot_general(g, p["W"], (((1,), (1,)), ((), ())))
@@ -291,7 +298,7 @@ class MLPApply:
         """
         spec = self.spec
         layers = params["layers"]
-        dtype = layers[0]["W"].dtype
+        dtype = promote(x, layers)[0].dtype
         n = jnp.shape(x)[0]
         taps = [jnp.zeros((n, spec.width), dtype) for _ in range(spec.depth)]
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from ntkexp.kernels.base import Kernel
 from ntkexp.models.registry import register_architecture
+from ntkexp.models.validation import promote
 
 Array = jax.Array
 
@@ -88,7 +89,8 @@ class TwoLayerApply:
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != W.shape[0]:
             raise ValueError(f"inputs must have shape (n, {W.shape[0]}), got {tuple(x.shape)}")
-        return [x.astype(W.dtype) @ W]
+        x, W = promote(x, W)  # JAX promotion: no silent downcast
+        return [x @ W]
 
     def forward(self, params, x: Array):
         """``(output (n, 1), [pre-activations (n, m)])``."""

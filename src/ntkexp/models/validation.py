@@ -5,7 +5,39 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
+
 from ntkexp.activations import Activation, get_activation
+
+
+def promote(x, params):
+    """``(x, params)`` cast to the promoted dtype of ``x`` and the floating ``params``.
+
+    The models follow JAX's type promotion (``jnp.result_type``), as Flax's
+    layers do with ``dtype=None`` (``flax.nnx.Linear`` promotes its inputs,
+    kernel and bias together, ``flax.nnx.nn.dtypes.promote_dtype``) and as
+    neural-tangents does: float32 parameters applied to float64
+    inputs compute in float64, float64 parameters upcast float32 inputs, and
+    integer inputs take the parameters' float dtype. No cast loses precision,
+    so nothing is silently downcast; a caller wanting float32 throughout casts
+    its inputs itself. (Without ``jax_enable_x64`` no float64 array exists, so
+    everything is float32.) The parameters are upcast too, so that every
+    product (a bias times its multiplier as well) is formed in the wide dtype;
+    under autodiff the gradients still come back in the parameters' own dtype.
+    """
+    x = jnp.asarray(x)
+    leaves = [l for l in jax.tree_util.tree_leaves(params)
+              if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
+    dt = jnp.result_type(x, *leaves)
+    if not jnp.issubdtype(dt, jnp.inexact):
+        dt = jnp.result_type(dt, jnp.float32)
+
+    def up(l):
+        ldt = jnp.result_type(l)
+        return l.astype(dt) if jnp.issubdtype(ldt, jnp.inexact) and ldt != dt else l
+
+    return x.astype(dt), jax.tree_util.tree_map(up, params)
 
 
 def check_int(cls: str, name: str, v, *, minimum: int) -> None:
