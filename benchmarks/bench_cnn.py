@@ -10,9 +10,10 @@ for ``x2 = None``. The same seeded inputs go to
   float64;
 * neural-tangents 0.6.5 (``stax.Conv``/``Relu``/``GlobalAvgPool``/``Dense``,
   ``jit(kernel_fn)``) in a subprocess of the interpreter named by the
-  environment variable ``NT_PYTHON`` (default: ``/work/ntvenv/bin/python`` when
-  it exists; neural-tangents needs JAX <= 0.4.25, so it cannot share this
-  process). Without it the peer is skipped with a note.
+  environment variable ``NT_PYTHON`` (a virtual environment with
+  ``neural-tangents==0.6.5 jax==0.4.23 jaxlib==0.4.23 'numpy<2' 'scipy<1.12'``;
+  neural-tangents needs JAX <= 0.4.25, so it cannot share this process).
+  Without it the peer is skipped with a note.
 
 Both sides report seconds and matmul units (their own 2048^3 float32 matmul in
 their own process; :mod:`benchmarks.common`), after one warm-up call on the
@@ -49,7 +50,6 @@ from ntkexp.kernels.cnn import conv_stack_kernel
 
 DEPTH, Q, L, N = 3, 5, 40, 300
 W_STD, B_STD = 2.0**0.5, 0.1
-NT_DEFAULT = "/work/ntvenv/bin/python"
 
 # the neural-tangents side, run by NT_PYTHON (it only calls neural-tangents)
 _NT_SCRIPT = r"""
@@ -99,7 +99,7 @@ def _kernel(x, x2=None):
 
 
 def _nt(x: np.ndarray, dtype: str) -> dict:
-    py = os.environ.get("NT_PYTHON") or (NT_DEFAULT if os.path.exists(NT_DEFAULT) else None)
+    py = os.environ.get("NT_PYTHON") or None
     if not py or not os.path.exists(py):
         return {"skipped": "no neural-tangents interpreter (set NT_PYTHON)"}
     with tempfile.TemporaryDirectory() as d:

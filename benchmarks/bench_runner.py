@@ -20,12 +20,12 @@ programs as any rerun does (``new_warm_median_s``, ``speedup_warm``).
 
 One command (idle machine; about 15 min with the old code)::
 
-    python -m benchmarks.bench_runner --old /work/main/.venv/bin/ntkexp --repeats 3
+    python -m benchmarks.bench_runner --old OLD_CHECKOUT/.venv/bin/ntkexp --repeats 3
 
 (``--new`` defaults to the ``ntkexp`` beside this Python; ``--only jacot_fig2``
 picks cases; results go to ``benchmarks/results/runner.json``). Through
 ``python -m benchmarks.run --only runner`` it reads ``NTKEXP_BENCH_OLD`` (old
-executable, default ``/work/main/.venv/bin/ntkexp`` when it exists) and
+executable: the ``ntkexp`` of a checkout of the code to compare with) and
 ``NTKEXP_BENCH_REPEATS`` (default 1).
 """
 
@@ -49,7 +49,7 @@ CASES = {
     "jacot_fig1": ("configs/jacot_fig1.yaml", "cpu"),
     "kernel_convergence": ("configs/kernel_convergence.yaml", "cpu"),
 }
-DEFAULT_OLD = "/work/main/.venv/bin/ntkexp"
+DEFAULT_OLD = None  # the old executable must be named (--old or NTKEXP_BENCH_OLD)
 
 
 def _flat(obj, prefix=""):
@@ -156,8 +156,7 @@ def _default_new() -> str:
 
 def main(out_dir: str = "benchmarks/results") -> dict:
     """Entry point of ``benchmarks/run.py`` (old executable from ``NTKEXP_BENCH_OLD``)."""
-    old = os.environ.get("NTKEXP_BENCH_OLD", DEFAULT_OLD if os.path.exists(DEFAULT_OLD)
-                         else "") or None
+    old = os.environ.get("NTKEXP_BENCH_OLD") or DEFAULT_OLD
     res = bench(old, _default_new(), int(os.environ.get("NTKEXP_BENCH_REPEATS", "1")))
     print(_write(res, out_dir))
     return res
@@ -165,7 +164,7 @@ def main(out_dir: str = "benchmarks/results") -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--old", default=DEFAULT_OLD if os.path.exists(DEFAULT_OLD) else None)
+    ap.add_argument("--old", default=DEFAULT_OLD)
     ap.add_argument("--new", default=_default_new())
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--only", action="append", choices=sorted(CASES))

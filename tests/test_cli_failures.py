@@ -29,7 +29,7 @@ class _Params:
     scale: float = 1.0
 
 
-def _compute(cfg, data, unit, progress):
+def _compute(cfg, data, unit, progress):  # per_init: unit is one initialisation
     if unit.width == FAIL["width"]:
         raise NotImplementedError(f"width {unit.width} is not\nimplemented")
     progress(1)
@@ -47,7 +47,7 @@ def failing_experiment():
     register_experiment(Experiment(
         name=NAME, params=_Params, compute_unit=_compute, reference=lambda cfg, data: {},
         summarize=_summarize, plot=lambda results, summary, cfg, fig_dir: [],
-        unit_work=lambda cfg: 1, main_figure=NAME))
+        unit_work=lambda cfg: 1, main_figure=NAME, per_init=True))
     FAIL.update(width=None, summary=False)
     yield
     EXPERIMENTS.unregister(NAME)

@@ -33,7 +33,10 @@ URL_RE = re.compile(r"\w+://\S+")
 # files a run writes (run-folder layout, docs/conventions.md) or a user makes:
 # named in the docs, never in the repository
 GENERATED = {"config.yaml", "meta.json", "results.npz", "metrics.jsonl", "summary.json",
-             "timings.json", "results.json", "my_config.yaml", "plugin.py", "my_plugin.py"}
+             "timings.json", "results.json", "my_config.yaml", "plugin.py", "my_plugin.py",
+             # example output names of tiled kernels and benchmarks
+             "k.npy", "x.npy", "k.npy.manifest.json", ".manifest.json", "cfg.yaml",
+             "bench_tiling.partial.jsonl"}
 GENERATED_PREFIXES = ("runs/", "RUN_DIR/", "OUT/", "figures/", "units/", "bench/", "/tmp/",
                       "out_dir/", "fig_dir/")
 # placeholders for a user's own files (my.npz, my_nets.py, configs/X.yaml, mnist.npz)

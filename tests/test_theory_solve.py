@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from conftest import needs_x64
 from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
 from ntkexp.models import MLPSpec
 from ntkexp.theory import (
@@ -117,6 +118,7 @@ def test_cg_agrees_with_cholesky(tmp_path):
         np.asarray(ref)) < 1e-8
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_matrix_free_cg_over_tiles_agrees_with_cholesky():
     spec = MLPSpec(depth=2, width=1, activation="relu", W_std=1.4, b_std=0.1)
     x = np.random.RandomState(9).randn(23, 4)
@@ -130,6 +132,7 @@ def test_matrix_free_cg_over_tiles_agrees_with_cholesky():
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-8
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_ntk_gp_at_time_t_matches_matrix_exponential():
     """Lee et al. 2019 eq. 16 at finite t against scipy's expm (no eigendecomposition)."""
     rng = np.random.RandomState(11)
@@ -159,6 +162,7 @@ def test_ntk_gp_at_time_t_matches_matrix_exponential():
         assert np.max(np.abs(np.asarray(mean_s) - Ts @ y)) < 1e-10
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_solves_still_trace_under_jit():
     A = jnp.asarray(_spd(6, 1.0, 3.0, 13))
     y = jnp.arange(6.0)

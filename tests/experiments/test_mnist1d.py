@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs_x64
 from ntkexp import config as C
 from ntkexp.data import DataError, load_dataset, mnist1d_arrays
 from ntkexp.models import ARCHITECTURES
@@ -32,6 +33,7 @@ def test_mnist1d_is_the_packages_make_dataset_and_leaves_global_rngs_alone():
     assert np.array_equal(d["x"], ref["x"]) and np.array_equal(d["y_test"], ref["y_test"])
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_mnist1d_dataset_targets_and_errors():
     cfg = C.DataConfig(name="mnist1d", dim=40, n_train=50, n_test=20)
     ds = load_dataset(cfg, jax.random.key(0), jnp.float64)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import needs_x64
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels.tiling import (
     MonteCarloTiles,
@@ -66,6 +67,7 @@ def test_tiled_mlp_equals_untiled(dtype, sym):
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "cross"])
+@needs_x64  # float64 truth at float64 tolerances
 def test_tiled_cnn_gap_equals_untiled(sym):
     x1 = _x(11, 8, 2)
     x2 = None if sym else _x(6, 8, 3)
@@ -76,6 +78,7 @@ def test_tiled_cnn_gap_equals_untiled(sym):
 
 
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "cross"])
+@needs_x64  # float64 truth at float64 tolerances
 def test_tiled_empirical_ntk_equals_untiled(sym):
     spec = MLPSpec(depth=2, width=16, activation="tanh", W_std=1.2, b_std=0.3, out_dim=2)
     params = init_params(spec, 4, jax.random.key(0), jnp.float64)
@@ -113,6 +116,7 @@ def test_budget_picks_largest_tile_that_fits():
         plan_tiles(fn, x, memory_budget="8MiB", tile_size=plan.tile + 8)
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_budget_too_small_is_one_clear_error():
     x = _x(20, 8, 8)
     with pytest.raises(TilingError, match="memory_budget .* too small for one 1 x 1 tile"):
@@ -151,6 +155,7 @@ def _sha(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_resume_recomputes_only_unfinished_tiles(tmp_path):
     x = _x(30, 4, 10)
     fn = analytic_tiles(MLP)
@@ -201,6 +206,7 @@ def test_npy_without_manifest_is_refused(tmp_path):
     assert _sha(out) == before
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_processes_split_tiles_round_robin(tmp_path):
     """Two (simulated) processes: each computes tiles g % 2 == its index; the second
     to finish sees the whole kernel."""

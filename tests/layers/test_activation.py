@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ntkexp as nx
+from conftest import needs_x64
 from ntkexp.activations import ACTIVATIONS
 from ntkexp.layers import Activation, Dense, KernelState, input_state
 
@@ -41,6 +42,7 @@ def test_dual_maps_match_gaussian_sampling(name):
 
 
 @pytest.mark.parametrize("name", ["tanh", "relu", "erf"])
+@needs_x64  # float64 truth at float64 tolerances
 def test_spatial_map_is_the_flat_map_per_position_pair(name):
     """On per-position covariances each (i, j) entry is mapped with its own variances."""
     act = Activation(name)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.layers import build_layers, composition_kernel
 from ntkexp.layers.conv import conv_stack_of
 
@@ -71,6 +71,7 @@ F32 = ["conv1d_circular_erf_gap", "conv2d_valid_stride_flatten", "avgpool2d_same
 
 
 @pytest.mark.parametrize("name", CONV)
+@needs_x64  # float64 truth at float64 tolerances
 def test_matches_neural_tangents(name):
     _compare(name, jnp.float64)
 

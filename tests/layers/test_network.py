@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ntkexp as nx
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.empirical import has_structure
 from ntkexp.layers import (
     Activation,
@@ -48,6 +48,7 @@ def test_spatial_dense_structured_equals_jacobian(dtype, tol):
     assert rel_err(s, nx.empirical_ntk(net, p, x, method="jacobian")) <= tol["exact"]
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_attention_falls_back_to_generic():
     layer = serial(GlobalSelfAttention(4, n_heads=2, n_chan_key=3, n_chan_val=3), Flatten(),
                    Dense(1, readout=True))
@@ -103,6 +104,7 @@ def test_network_errors():
         nx.analytic_kernel(serial(Activation("relu"), Dense(1, readout=True)), jnp.ones((2, 3)))
 
 
+@needs_x64  # float64 truth at float64 tolerances
 def test_monte_carlo_kernel_on_a_composition():
     """nx.monte_carlo_kernel takes a composition (widths replaced) and agrees with jacobian MC."""
     layer = serial(Dense(4, b_std=0.1), Activation("tanh"), Dense(1, readout=True))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from conftest import needs_x64, rel_err
 from ntkexp.layers import LAYERS, build_layers, composition_kernel
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "kernels", "data", "nt_layers.json")
@@ -37,6 +37,7 @@ def _kinds(layers):
 
 
 @pytest.mark.parametrize("name", CORE)
+@needs_x64  # float64 truth at float64 tolerances
 def test_matches_neural_tangents(name):
     case = CASES[name]
     missing = [k for k in _kinds(case["layers"])

@@ -11,7 +11,7 @@ Two different purposes therefore start from different sub-keys, and no choice
 of indices of one purpose can land on the key of another (the runner's
 earlier scheme, ``fold_in(root, 1000 + init)`` beside
 ``fold_in(root, 0x4D43)`` for the Monte Carlo limit, gave initialisation 18779
-the Monte Carlo key). ``tests/experiments/test_streams.py`` checks that keys
+the Monte Carlo key). ``tests/experiments/test_runner.py`` checks that keys
 of different purposes never coincide.
 
 The purposes (stable numbers: changing one changes every number a run

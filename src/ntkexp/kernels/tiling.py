@@ -650,7 +650,9 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
                     dargs = jax.device_put(args, dev)
                 else:
                     dargs = args
-                pending.append((g, jfn(xa, xb, *dargs)))
+                # a diagonal tile of a symmetric kernel is itself a kernel of one set
+                # (x2=None), so self-pairs get the kernel's exact x2=None treatment
+                pending.append((g, jfn(xa, None if sym and a == b else xb, *dargs)))
             for g, res in pending:
                 vals = [np.asarray(v) for v in jax.tree_util.tree_leaves(res)]
                 a, b = plan.tiles[g]

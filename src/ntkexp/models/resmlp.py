@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ntkexp.models.validation import SpecActivationMixin
+from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
@@ -119,7 +119,7 @@ class ResMLPApply:
                 f"params have {len(blocks)} residual blocks but the spec needs {spec.depth}"
             )
         d = params["inp"]["W"].shape[0]
-        x = jnp.asarray(x)
+        x, params = promote(jnp.asarray(x), params)  # JAX promotion: no silent downcast
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"inputs must have shape (n, {d}), got {tuple(x.shape)}")
         return self.network(d), self.to_layer_params(params), x
