@@ -500,3 +500,12 @@ def ntk_lambda_max(apply_fn, params, x, key, iters: int):
 
     v = jax.lax.fori_loop(0, iters, body, v0 / jnp.linalg.norm(v0))
     return jnp.sum(v * mv(v))
+
+
+def variants(cfg) -> list[tuple[str, bool]]:
+    """``[(parameterization, centred)]`` in the order stored in the results."""
+    return [(p, c) for p in cfg.params.parameterizations for c in cfg.params.centering]
+
+
+def variant_name(p: str, c: bool) -> str:
+    return f"{p}{'+C' if c else ''}"

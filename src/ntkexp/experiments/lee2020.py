@@ -51,6 +51,8 @@ from ntkexp.experiments.common import (
     per_member,
     preprocess,  # noqa: F401
     train_ensemble,
+    variant_name,
+    variants,
 )
 
 NAME = "lee2020_finite_vs_infinite"
@@ -80,15 +82,6 @@ class Params:
     lr_mode: Literal["relative", "absolute"] = "relative"
     kernel_ridge: float = dataclasses.field(default=1e-6, metadata={"min": 0.0})
     power_iterations: int = dataclasses.field(default=30, metadata={"min": 1})
-
-
-def variants(cfg) -> list[tuple[str, bool]]:
-    """``[(parameterization, centred)]`` in the order stored in the results."""
-    return [(p, c) for p in cfg.params.parameterizations for c in cfg.params.centering]
-
-
-def variant_name(p: str, c: bool) -> str:
-    return f"{p}{'+C' if c else ''}"
 
 
 # --------------------------------------------------------------------------

@@ -48,7 +48,14 @@ import numpy as np
 from ntkexp.config import ConfigError
 from ntkexp.experiments import streams
 from ntkexp.experiments.base import Experiment, register_experiment
-from ntkexp.experiments.common import Task, make_optimizer, ntk_lambda_max, progress_callback
+from ntkexp.experiments.common import (
+    Task,
+    make_optimizer,
+    ntk_lambda_max,
+    progress_callback,
+    variant_name,
+    variants,
+)
 
 NAME = "mnist1d_finite_vs_infinite"
 ARCHS = ("mlp", "cnn")
@@ -91,14 +98,6 @@ class Params:
     lr_mode: Literal["relative", "absolute"] = "relative"
     kernel_ridge: float = dataclasses.field(default=1e-6, metadata={"min": 0.0})
     power_iterations: int = dataclasses.field(default=30, metadata={"min": 1})
-
-
-def variants(cfg) -> list[tuple[str, bool]]:
-    return [(p, c) for p in cfg.params.parameterizations for c in cfg.params.centering]
-
-
-def variant_name(p: str, c: bool) -> str:
-    return f"{p}{'+C' if c else ''}"
 
 
 def arch_spec(cfg, arch: str, width: int, parameterization: str = "ntk", out_dim: int = 1):
