@@ -15,6 +15,13 @@ Usage::
     python -m benchmarks.bench_mnist1d_kernels --arch cnn --max-seconds 900 \\
         --work /tmp/mnist1d_kernels --out benchmarks/results
 
+``--diagnose`` reads the finished kernel files of ``--work`` instead and writes
+``mnist1d_kernels_<arch>_diagnostics.json``: per kernel, the test accuracy, the
+float64 condition number and how much a float32 solve changes the predictions
+(:func:`ntkexp.theory.precision_gap`; Lee et al. 2020, sec. 3.4)::
+
+    python -m benchmarks.bench_mnist1d_kernels --arch cnn --work /tmp/mnist1d_kernels --diagnose
+
 Peak RSS is ``ru_maxrss`` of this process (it includes the Python / JAX runtime):
 ``peak_rss_gib_kernels`` after the kernels, ``peak_rss_gib`` after the regression too.
 """
@@ -144,6 +151,33 @@ def measure(arch: str, work: str, budget: str, max_seconds: float, dtype: str,
     return report
 
 
+def diagnose(arch: str, work: str, dtype: str = "float64") -> dict:
+    """Accuracy, condition number and float32 gap from the finished kernel files."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from ntkexp.data import mnist1d_arrays
+    from ntkexp.theory import kernel_regression, precision_gap
+
+    d = mnist1d_arrays()
+    y, yt = d["y"], d["y_test"]
+    K = np.load(os.path.join(work, f"{arch}_{dtype}_train.npy"), mmap_mode="r")
+    Kt = np.load(os.path.join(work, f"{arch}_{dtype}_test.npy"), mmap_mode="r")
+    onehot = np.full((len(y), 10), -0.1)
+    onehot[np.arange(len(y)), y] = 0.9
+    report = {"arch": arch, "dtype": dtype, "ridge": "1e-6 x mean diagonal", "kernels": {}}
+    for i, name in enumerate(("nngp", "ntk")):
+        A, B = np.asarray(K[i], np.float64), np.asarray(Kt[i], np.float64)
+        ridge = 1e-6 * float(np.mean(np.diag(A)))
+        gap = precision_gap(B, A, onehot, ridge=ridge)
+        pred = np.asarray(kernel_regression(B, A, onehot, ridge=ridge))
+        gap["test_accuracy"] = float(np.mean(np.argmax(pred, 1) == yt))
+        gap["exactly_symmetric"] = bool(np.array_equal(A, A.T))
+        report["kernels"][name] = {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+                                   for k, v in gap.items()}
+    return report
+
+
 def main(out_dir: str, arch: str = "mlp", work: str | None = None, budget: str = "1GiB",
          max_seconds: float = 600.0, dtype: str = "float64", n_train: int = 4000,
          n_test: int = 1000) -> dict:
@@ -169,5 +203,16 @@ if __name__ == "__main__":
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="only read the finished kernels of --work (see the module docstring)")
     a = ap.parse_args()
+    if a.diagnose:
+        if a.work is None:
+            ap.error("--diagnose needs --work (the folder of the finished kernels)")
+        rep = diagnose(a.arch, a.work, a.dtype)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"mnist1d_kernels_{a.arch}_diagnostics.json"), "w") as f:
+            json.dump(rep, f, indent=2)
+        print(json.dumps(rep, indent=2))
+        raise SystemExit(0)
     main(a.out, a.arch, a.work, a.budget, a.max_seconds, a.dtype, a.n_train, a.n_test)
