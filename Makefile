@@ -11,7 +11,7 @@ XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-x64 test-x32 test-slow ci test-all bench lint gpu-check clean
+.PHONY: setup run test test-x64 test-x32 test-slow test-slow-x64 ci test-all bench lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -25,19 +25,23 @@ setup: $(STAMP)
 run: setup
 	JAX_PLATFORMS=cpu $(VENV)/bin/ntkexp run $(CONFIG) --preset $(PRESET)
 
-## The whole fast suite in both x64 modes (as JAX's own CI does): x64 on (float32 and
-## float64 cases), then x64 off, the default a user has (float32 cases; float64 ones skip).
+## The fast suite with x64 on: float64 cases and every dtype-free test (float32 configs
+## included). The float32 cases of dtype-parametrized tests run with x64 off, in test-x32.
 ## Slow checks are marked and run by test-slow (.ci/run runs both).
-test: test-x64 test-x32
+test: test-x64
 
 test-x64: setup
-	JAX_ENABLE_X64=1 $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_FLAGS)
+	JAX_ENABLE_X64=1 $(PY) -m pytest -m "not slow and not float32_case" $(XDIST) $(PYTEST_FLAGS)
 
+## The fast suite with x64 off, the default a user has: float32 cases; float64 ones skip.
 test-x32: setup
 	JAX_ENABLE_X64=0 $(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_FLAGS)
 
-## Slow checks: convergence rates over widths, property tests, larger presets (x64 on).
-test-slow: setup
+## Slow checks (convergence rates over widths, property tests, larger presets; x64 on),
+## then the fast suite again with x64 off (test-x32): with make test, every test in both modes.
+test-slow: test-slow-x64 test-x32
+
+test-slow-x64: setup
 	JAX_ENABLE_X64=1 $(PY) -m pytest -m slow $(XDIST) $(PYTEST_FLAGS)
 
 ## Everything CI runs: make test, then make test-slow.

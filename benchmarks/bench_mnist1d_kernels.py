@@ -16,7 +16,8 @@ Usage::
         --work /tmp/mnist1d_kernels --out benchmarks/results
 
 ``--diagnose`` reads the finished kernel files of ``--work`` instead and writes
-``mnist1d_kernels_<arch>_diagnostics.json``: per kernel, the test accuracy, the
+the diagnostics JSON (``benchmarks/results/mnist1d_kernels_cnn_diagnostics.json``
+for ``--arch cnn``): per kernel, the test accuracy, the
 float64 condition number and how much a float32 solve changes the predictions
 (:func:`ntkexp.theory.precision_gap`; Lee et al. 2020, sec. 3.4)::
 
@@ -161,8 +162,8 @@ def diagnose(arch: str, work: str, dtype: str = "float64") -> dict:
 
     d = mnist1d_arrays()
     y, yt = d["y"], d["y_test"]
-    K = np.load(os.path.join(work, f"{arch}_{dtype}_train.npy"), mmap_mode="r")
-    Kt = np.load(os.path.join(work, f"{arch}_{dtype}_test.npy"), mmap_mode="r")
+    K, Kt = (np.load(os.path.join(work, "_".join((arch, dtype, split)) + ".npy"), mmap_mode="r")
+             for split in ("train", "test"))
     onehot = np.full((len(y), 10), -0.1)
     onehot[np.arange(len(y)), y] = 0.9
     report = {"arch": arch, "dtype": dtype, "ridge": "1e-6 x mean diagonal", "kernels": {}}
@@ -211,7 +212,8 @@ if __name__ == "__main__":
             ap.error("--diagnose needs --work (the folder of the finished kernels)")
         rep = diagnose(a.arch, a.work, a.dtype)
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"mnist1d_kernels_{a.arch}_diagnostics.json"), "w") as f:
+        name = "_".join(("mnist1d_kernels", a.arch, "diagnostics")) + ".json"
+        with open(os.path.join(a.out, name), "w") as f:
             json.dump(rep, f, indent=2)
         print(json.dumps(rep, indent=2))
         raise SystemExit(0)

@@ -99,6 +99,61 @@ def run_once(exe: str, config: str, preset: str, env_extra=None) -> tuple[float,
             return wall, json.load(f)
 
 
+def machine_rates() -> dict:
+    """Measured float32 matmul rate (2048^3) and the weight-read rate of a width-1000
+    matrix times 4 columns (8 MB of weights fit the L3 cache: the Jacot Fig. 2 step)."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(f, *a, reps=20):
+        f(*a).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(*a).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    mm = jax.jit(lambda a, b: a @ b)
+    a = jnp.ones((2048, 2048), jnp.float32)
+    flops = 2 * 2048**3 / best(mm, a, a)
+    W, h = jnp.ones((1000, 1000), jnp.float32), jnp.ones((1000, 4), jnp.float32)
+    bw = W.nbytes / best(mm, W, h, reps=200)
+    return {"matmul_flops_per_s": flops, "weight_bytes_per_s": bw}
+
+
+def training_bound(config: str, preset: str, rates: dict) -> dict:
+    """A lower bound on the training time of a run: sum over widths and inits of
+    ``steps * max(flops / matmul rate, bytes / weight-read rate)`` per step.
+
+    Per step of full-batch GD on ``n`` rows, each dense layer of ``W = fan_in x fan_out``
+    weights costs ``6 n W`` flops (forward, input gradient, weight gradient) and at least
+    ``3 W`` float32 reads/writes (read forward, read backward, write the update). This is
+    the work of the algorithm, not of an implementation: no code that trains these nets
+    by exact GD steps does less.
+    """
+    from ntkexp.config import load
+
+    cfg = load(str(ROOT / config), preset=preset)
+    m, t = cfg.model, cfg.train
+    depth, d = int(m.depth), int(cfg.data.dim)
+    rows = int(t.batch_size or cfg.data.n_train)
+    total, per_width = 0.0, {}
+    for w in m.widths:
+        w = int(w)
+        sizes = [d * w] + [w * w] * (depth - 1) + [w]
+        flops = 6 * rows * sum(sizes)
+        byts = 3 * 4 * sum(sizes)
+        step = max(flops / rates["matmul_flops_per_s"], byts / rates["weight_bytes_per_s"])
+        sec = step * int(t.steps) * int(t.inits) * len(t.learning_rates)
+        per_width[str(w)] = {"flops_per_step": flops, "bytes_per_step": byts,
+                             "bound": "flops" if flops / rates["matmul_flops_per_s"]
+                             >= byts / rates["weight_bytes_per_s"] else "memory",
+                             "training_lower_bound_s": round(sec, 2)}
+        total += sec
+    return {"per_width": per_width, "training_lower_bound_s": round(total, 2)}
+
+
 def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool = False,
           log=print) -> dict:
     cases = {k: v for k, v in CASES.items() if not only or k in only}
@@ -131,7 +186,13 @@ def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool 
                                            {"NTKEXP_COMPILE_CACHE": cache})
                     c["named_streams_s"] = round(t2, 2)
                     c["named_streams_vs_old"] = compare_summaries(s_old, s_named)
+    res["machine"] = rates = machine_rates()
     for c in res["cases"].values():
+        c["bound"] = training_bound(c["config"], c["preset"], rates)
+        if c["old_s"]:
+            # the most any implementation of the same training could gain end to end
+            c["max_speedup_if_all_but_training_were_free"] = round(
+                statistics.median(c["old_s"]) / c["bound"]["training_lower_bound_s"], 2)
         if c["old_s"] and c["new_s"]:
             c["old_median_s"] = statistics.median(c["old_s"])
             c["new_cold_s"] = c["new_s"][0]

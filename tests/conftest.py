@@ -3,9 +3,12 @@
 x64 follows the environment, as JAX itself does: ``JAX_ENABLE_X64=1`` turns it on,
 anything else (or unset, the default a user has) leaves it off. The ``dtype``
 fixture parametrizes every numerical test over ``float32`` and ``float64``; the
-float64 cases skip when x64 is off (no float64 array exists then), the float32
-cases run in both modes. CI runs the fast suite in both (``make test``). Library
-code follows JAX's type promotion (docs/conventions.md, "Dtypes").
+float64 cases skip when x64 is off (no float64 array exists then). ``make test``
+runs the fast suite with x64 on and the float32 cases deselected (they carry the
+``float32_case`` mark); ``make test-slow`` runs the slow checks, then the whole
+fast suite with x64 off, where the float32 cases run. CI runs both, so every case
+runs in its own mode. Library code follows JAX's type promotion
+(docs/conventions.md, "Dtypes").
 """
 
 import os
@@ -29,7 +32,10 @@ TOL = {
 needs_x64 = pytest.mark.skipif(not X64, reason="float64 needs JAX_ENABLE_X64=1")
 
 
-@pytest.fixture(params=[jnp.float32, pytest.param(jnp.float64, marks=needs_x64)],
+# float32 cases carry the ``float32_case`` mark: ``make test`` (x64 on) runs the float64
+# cases and deselects these; ``make test-x32`` (x64 off, the default a user has) runs them
+@pytest.fixture(params=[pytest.param(jnp.float32, marks=pytest.mark.float32_case),
+                        pytest.param(jnp.float64, marks=needs_x64)],
                 ids=["f32", "f64"])
 def dtype(request):
     return request.param
@@ -72,3 +78,60 @@ def run_tiny(tmp_path_factory, config: str, tag: str, allow_rank_promotion: bool
         assert main(["run", config, "--preset", "tiny", "--out", d, "--quiet"]) == 0
     with open(os.path.join(d, "summary.json")) as f:
         return d, json.load(f)
+
+
+# Expensive cases moved out of ``make test`` into ``make test-slow`` (CI runs both): each
+# one's behaviour is also checked by a cheaper fast test, named beside it. Measured with
+# ``pytest --durations=0`` on the 2-core box (seconds per case under two xdist workers).
+SLOW_CASES = {
+    # 23 s; the layer-list twin test_empirical_ntk_converges_at_rate_half_fast fits the rate
+    "tests/test_empirical.py::test_relu_ntk_converges_like_inverse_sqrt_width",
+    # 23 s; test_runner's test_a_stopped_run_resumes_with_only_the_unfinished_inits
+    "tests/experiments/test_jacot.py::test_interrupted_run_leaves_no_corrupt_result_and_rerun_completes",
+    # 10 s; test_runner's test_cache_reuses_unchanged_and_recomputes_changed_code
+    "tests/experiments/test_jacot.py::test_rerun_reuses_units_and_force_recomputes",
+    # 22 s; test_any_activation_analytic_matches_monte_carlo[tanh] checks the tanh CNN limit
+    "tests/models/test_cnn.py::test_cnn_with_tanh_runs",
+    # 15 s / 10 s / 8 s; the npz reader is exercised by test_npz_jacot and the zhang2019 case
+    "tests/experiments/test_npz_datasets.py::test_npz_arora",
+    "tests/experiments/test_npz_datasets.py::test_npz_two_layer_experiments[du2019_fig1-overrides0]",
+    "tests/experiments/test_npz_datasets.py::test_npz_lee",
+    # 15 s; test_theory's test_linearize_is_first_order_taylor checks linearize itself
+    "tests/test_training.py::test_linearised_net_tracks_trained_net_better_as_width_grows",
+    # 12 s / 8 s; the sgd-sequential-2 and gd-loop-2 cases stay fast
+    "tests/test_training.py::test_host_threads_give_the_same_numbers[f64-gd-vmap-3]",
+    "tests/test_training.py::test_host_threads_give_the_same_numbers[f64-sgd-loop-1]",
+    # 11 s / 8 s; the edge itself (beta = 0) stays fast
+    "tests/models/test_cnn.py::test_gradients_finite_at_edges[0.1]",
+    "tests/models/test_resmlp.py::test_gradients_finite_at_edges[0.1]",
+    # 12 s; test_layer_list_runs_jacot_fig1 runs a layer list through the runner
+    "tests/layers/test_runs.py::test_layer_list_runs_kernel_convergence",
+    # 13 s; the 'full' and 'structured' cases stay fast
+    "tests/test_empirical.py::test_generic_methods_on_flax_cnn[f64-traced]",
+    # 9.5 s; test_cntk_vec_monte_carlo checks the vec readout against Monte Carlo
+    "tests/models/test_cnn.py::test_nngp_monte_carlo[vec]",
+    # 11 s / 10 s; the gap / 1-D cases stay fast
+    "tests/models/test_cnn.py::test_structured_ntk_equals_jacobian[f64-shape1-vec]",
+    "tests/layers/test_conv.py::test_structured_ntk_equals_jvp[f64-2d_valid_gap]",
+    # 13 s; the jacot_fig2 and du2019 cases stay fast
+    "tests/experiments/test_runner.py::test_ensemble_unit_equals_one_initialisation_at_a_time"
+    "[lee2020_finite_vs_infinite-lee2020_finite_vs_infinite-extra2]",
+    # 10.5 s; attention is also checked against neural-tangents (test_reference_core)
+    "tests/layers/test_monte_carlo.py::test_analytic_matches_monte_carlo[attention]",
+    # 11 s; test_ensemble_equals_separate_runs[f64-sgd-sequential] and the gd-loop-2 case
+    "tests/test_training.py::test_host_threads_give_the_same_numbers[f64-sgd-sequential-2]",
+    # 7.5 s; the spec0 case stays fast
+    "tests/models/test_mlp.py::test_hand_written_vjp_equals_autodiff[f64-2-5-spec1]",
+    # 8 s; the jacot_fig2 case stays fast
+    "tests/experiments/test_runner.py::test_ensemble_unit_equals_one_initialisation_at_a_time"
+    "[du2019_fig1-du2019_fig1-extra1]",
+    # 7 s / 5 s; circular padding stays fast through conv1d_circular_erf_gap and the 1-D cases
+    "tests/layers/test_conv_reference.py::test_matches_neural_tangents[avgpool2d_circular]",
+    "tests/layers/test_conv_reference.py::test_matches_neural_tangents[conv2d_circular_flatten]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)

@@ -141,7 +141,8 @@ def test_linearised_net_tracks_trained_net_better_as_width_grows():
 
 
 @pytest.mark.parametrize("opt, mode", [("gd", "vmap"), ("gd", "unroll"), ("gd", "sequential"),
-                                       ("sgd", "sequential"), ("ngd", "vmap")])
+                                       ("sgd", "sequential"), ("ngd", "vmap"), ("gd", "loop"),
+                                       ("sgd", "loop")])
 def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
     spec = MLPSpec(depth=2, width=16, b_std=0.0)
     f = MLPApply(spec)
@@ -167,7 +168,8 @@ def test_ensemble_equals_separate_runs(opt, mode, dtype, tol):
             assert rel_err(a[i], b) < 100 * tol["agree"]
 
 
-@pytest.mark.parametrize("opt, mode, threads", [("gd", "vmap", 3), ("sgd", "sequential", 2)])
+@pytest.mark.parametrize("opt, mode, threads", [("gd", "vmap", 3), ("sgd", "sequential", 2),
+                                                ("gd", "loop", 2), ("sgd", "loop", 1)])
 def test_host_threads_give_the_same_numbers(opt, mode, threads, dtype, tol):
     """Members split over host threads (uneven groups: 5 = 2+2+1, 3+2) equal one program."""
     spec = MLPSpec(depth=2, width=12, b_std=0.3)
@@ -182,12 +184,42 @@ def test_host_threads_give_the_same_numbers(opt, mode, threads, dtype, tol):
         kw.update(optimizer=sgd(0.5), batch_size=4, key=jax.random.split(jax.random.key(3), 5))
     seen = []
     split = train(f, ps, x, y, threads=threads, callback=lambda s, L: seen.append(L.shape), **kw)
-    one = train(f, ps, x, y, threads=1, **kw)
+    one = train(f, ps, x, y, threads=1, **{**kw, "ensemble_mode": "vmap"})
     assert seen == [(5, 5), (5, 10), (5, 12)]
     assert split.record_steps == one.record_steps
     for a, b in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(one), strict=True):
         assert np.shape(a) == np.shape(b)
         assert rel_err(a, b) < 100 * tol["agree"]
+
+
+def test_auto_mode_loops_over_large_members_on_few_rows(monkeypatch):
+    """Members over 1 MiB on CPU: 'loop' (one single-network program each) under 16 rows
+    a step, 'sequential' from 16; a looped ensemble equals the single trainings."""
+    from ntkexp import training
+
+    seen = []
+    real = training._run_chunk
+
+    def spy(cfg, length, *args):
+        seen.append((cfg.ensemble, cfg.unroll_members))
+        return real(cfg, length, *args)
+
+    monkeypatch.setattr(training, "_run_chunk", spy)
+    spec = MLPSpec(depth=2, width=520, b_std=0.1)  # 1.03 MiB of float32 per member
+    f = MLPApply(spec)
+    keys = jax.random.split(jax.random.key(1), 2)
+    _, ps = init_ensemble(spec, 3, keys, jnp.float32)
+    assert sum(l[0].nbytes for l in jax.tree_util.tree_leaves(ps)) > training._SEQUENTIAL_BYTES
+    for n, expect in ((4, (False, "vmap")), (16, (True, "sequential"))):
+        seen.clear()
+        x, y = _data(jnp.float32, n=n, d=3)
+        ens = train(f, ps, x, y, optimizer=gd(0.5), steps=3, ensemble=True)
+        assert set(seen) == {expect}
+        if n == 4:
+            for i in range(2):
+                one = train(f, jax.tree_util.tree_map(lambda a, i=i: a[i], ps), x, y,
+                            optimizer=gd(0.5), steps=3)
+                np.testing.assert_array_equal(np.asarray(ens.losses[i]), np.asarray(one.losses))
 
 
 def test_default_threads_split_long_runs_into_equal_groups(monkeypatch):

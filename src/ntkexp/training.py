@@ -48,8 +48,9 @@ from ntkexp.empirical import empirical_ntk
 Array = jax.Array
 LOSS_REDUCTIONS = ("mean", "sum")
 LOSSES = ("squared", "softmax_cross_entropy")
-ENSEMBLE_MODES = ("auto", "vmap", "unroll", "sequential")
+ENSEMBLE_MODES = ("auto", "vmap", "unroll", "sequential", "loop")
 _SEQUENTIAL_BYTES = 1 << 20
+_LOOP_MAX_ROWS = 16
 
 
 class DivergenceError(FloatingPointError):
@@ -393,6 +394,16 @@ def _concat(trees):
     return trees[0] if len(trees) == 1 else _concat_groups(trees)
 
 
+@functools.partial(jax.jit, static_argnames=("K",))
+def _split_members(tree, K):
+    return [jax.tree_util.tree_map(lambda l, k=k: l[k], tree) for k in range(K)]
+
+
+@jax.jit
+def _stack_members(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a, axis=0), *trees)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _split_params(cfg: _Config, params):
     return (jax.vmap(cfg.partition.split) if cfg.ensemble else cfg.partition.split)(params)
@@ -597,9 +608,15 @@ def train(
         ``"vmap"`` (batched matmuls; best on accelerators), ``"unroll"``
         (members as separate carries of one scan: on CPU batched small
         matmuls are slow), ``"sequential"`` (``lax.map`` over members, each
-        runs all its steps: one member's weights stay in cache) or ``"auto"``
-        (vmap, except on CPU when a member has over 1 MiB of parameters:
-        sequential, measured 2.5x faster than vmap/unroll at width 1000).
+        runs all its steps: one member's weights stay in cache), ``"loop"``
+        (each member its own single-network program, run one after another
+        from the host: the program of ``ensemble=False``, so its matmuls use
+        the intra-op thread pool) or ``"auto"`` (vmap, except on CPU when a
+        member has over 1 MiB of parameters: for batches under 16 rows, loop,
+        whose steps are memory-bound matrix-vector products (Jacot Fig. 2, 4
+        points, width 1000: loop 10 s, sequential 11 s, sequential on 2 threads
+        14 s, vmap 28 s); else sequential, on host threads as ``threads`` says
+        (100 points, width 1500: 37 s on 2 threads, 39 s on 1).
         All give the same numbers to rounding.
       threads: host threads an ensemble is split over, each running its
         share of the members as its own compiled program (CPU only: XLA:CPU
@@ -718,9 +735,16 @@ def train(
     if ensemble_mode == "auto":
         # interleaving members streams K working sets through the cache every step;
         # beyond a few MB per member, finishing one member at a time is faster (CPU)
-        unroll = "sequential" if cpu_ensemble and member_bytes > _SEQUENTIAL_BYTES else "vmap"
+        unroll = "vmap"
+        if cpu_ensemble and member_bytes > _SEQUENTIAL_BYTES:
+            # a few rows per step are matrix-vector products, bound by memory traffic:
+            # members one at a time, each over every core; more rows: lax.map + threads
+            rows = n if batch_size is None else batch_size
+            unroll = "loop" if rows < _LOOP_MAX_ROWS else "sequential"
+    loop = bool(ensemble) and unroll == "loop"
     if threads is None:
-        threads = _auto_threads(K, steps, member_bytes) if cpu_ensemble else 1
+        # a looped member's matmuls already use every core (intra-op threads)
+        threads = _auto_threads(K, steps, member_bytes) if cpu_ensemble and not loop else 1
     threads = _check_int("threads", threads, 1)
     part = _make_partition(apply_fn, one_params, trainable)
     opt = optax.with_extra_args_support(optimizer)
@@ -768,7 +792,17 @@ def train(
     # ensemble members split into groups, one host thread each (one group: no threads)
     groups = _member_groups(K, threads) if ensemble else [(0, 1)]
     per_y = cfg.y_per_member
-    if len(groups) == 1:
+    run_cfg = cfg
+    if loop:
+        # one single-network program per member, run in turn (or on `threads` host threads)
+        run_cfg = cfg._replace(ensemble=False, key_per_member=False, y_per_member=False,
+                               unroll_members="vmap")
+        parts = _split_members((p_tr, opt_state, frozen, key if key_per_member else None,
+                                y if per_y else None), K)
+        states = [(p, s, fr, k if key_per_member else key, yy if per_y else y)
+                  for p, s, fr, k, yy in parts]
+        p_tr = opt_state = parts = None
+    elif len(groups) == 1:
         states = [(p_tr, opt_state, frozen, key, y)]
     else:
         # one dispatch: (params, state, frozen, per-member keys and targets) sliced per group
@@ -780,24 +814,31 @@ def train(
 
     def run_group(st, a, b):
         p, s, fr, k, yy = st
-        out = _run_chunk(cfg, b - a, p, s, fr, k, x, yy, jnp.asarray(a, jnp.int32))
+        out = _run_chunk(run_cfg, b - a, p, s, fr, k, x, yy, jnp.asarray(a, jnp.int32))
         return jax.block_until_ready(out)
+
+    gather = _stack_members if loop else _concat
+    workers = min(threads, len(states))
 
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if a in rec:
-            do_record(_concat([st[0] for st in states]), _concat([st[2] for st in states]))
-        if len(states) == 1:
-            outs = [run_group(states[0], a, b)]
+            do_record(gather([st[0] for st in states]), gather([st[2] for st in states]))
+        if workers == 1:
+            outs = [run_group(st, a, b) for st in states]
         else:
-            outs = list(_pool(len(states)).map(lambda st, a=a, b=b: run_group(st, a, b), states))
+            outs = list(_pool(workers).map(lambda st, a=a, b=b: run_group(st, a, b), states))
         states = [(o[0], o[1], *st[2:]) for o, st in zip(outs, states, strict=True)]
-        ls = np.concatenate([np.asarray(o[2]) for o in outs], axis=0) if ensemble else (
-            np.asarray(outs[0][2]))
+        if loop:
+            ls = np.stack([np.asarray(o[2]) for o in outs], axis=0)
+        elif ensemble:
+            ls = np.concatenate([np.asarray(o[2]) for o in outs], axis=0)
+        else:
+            ls = np.asarray(outs[0][2])
         check(ls, a)
         loss_chunks.append(ls)
         if callback is not None:
             callback(b, np.concatenate(loss_chunks, axis=-1))
-    p_tr, opt_state = _concat([st[:2] for st in states])
+    p_tr, opt_state = gather([st[:2] for st in states])
     last = np.asarray(_final_loss(cfg, p_tr, frozen, x, y))
     check(last[..., None], steps)
     loss_chunks.append(last[..., None])
