@@ -128,6 +128,44 @@ SLOW_CASES = {
     # 7 s / 5 s; circular padding stays fast through conv1d_circular_erf_gap and the 1-D cases
     "tests/layers/test_conv_reference.py::test_matches_neural_tangents[avgpool2d_circular]",
     "tests/layers/test_conv_reference.py::test_matches_neural_tangents[conv2d_circular_flatten]",
+    # Monte Carlo cross-checks (5-9 s each) of limits the fast suite checks against
+    # neural-tangents (tests/layers/test_conv_reference.py) or with a sibling case
+    "tests/models/test_cnn.py::test_nngp_monte_carlo[gap]",      # test_cntk_gap_monte_carlo
+    "tests/models/test_cnn.py::test_cntk_gap_monte_carlo[shape1]",
+    "tests/models/test_cnn.py::test_empirical_converges_fast",   # test_runs' rate-1/2 twin
+    "tests/models/test_resmlp.py::test_ntk_monte_carlo",         # test_nngp_monte_carlo
+    "tests/models/test_resmlp.py::test_empirical_converges_fast",
+    "tests/models/test_resmlp.py::test_gradients_finite_at_edges[0.0]",  # cnn and mlp edges
+    "tests/test_empirical.py::test_monte_carlo_kernel_matches_analytic[standard]",  # [ntk]
+    "tests/layers/test_conv.py::test_analytic_matches_monte_carlo[2d_valid_gap]",
+    # sibling cases of the same check (4-7 s each)
+    "tests/models/test_mlp.py::test_hand_written_vjp_equals_autodiff[f64-2-5-spec2]",
+    "tests/models/test_mlp.py::test_hand_written_vjp_equals_autodiff[f64-6-130-spec1]",
+    "tests/test_empirical.py::test_blocked_equals_unblocked_and_symmetry_is_exact"
+    "[f64-traced-jacobian]",
+    "tests/test_empirical.py::test_blocked_equals_unblocked_and_symmetry_is_exact[f64-full-jvp]",
+    "tests/layers/test_conv.py::test_structured_ntk_equals_jvp[f64-1d_same_gap]",
+    "tests/layers/test_network.py::test_structured_ntk_equals_jacobian[f64-True]",
+    "tests/experiments/test_lee2020.py::test_power_iteration_matches_the_jacobian_eigenvalue"
+    "[f64-3]",
+    # 9.5 s; tests/test_sharding.py runs the 4-device subprocess for the empirical kernels
+    "tests/kernels/test_tiling.py::test_tiles_sharded_over_four_devices_equal_untiled",
+    # 5 s; test_optim's test_ngd_cross_entropy_is_the_damped_gauss_newton_step
+    "tests/test_training.py::test_gauss_newton_ngd_beats_gd_on_cross_entropy",
+    # 12 s; test_resmlp_with_tanh_runs runs a layer composition through ntkexp run
+    "tests/layers/test_runs.py::test_layer_list_runs_jacot_fig1",
+    # End-to-end tiny runs of the heavier experiments (20-29 s of set-up each): their unit
+    # and helper tests stay fast, and test_jacot, test_du2019, test_bietti2019,
+    # test_kernel_convergence, test_mnist1d and test_runner keep end-to-end runs fast
+    "tests/experiments/test_arora2019.py::test_tiny_loss_tracks_the_theorem_4_1_prediction",
+    "tests/experiments/test_arora2019.py::test_tiny_random_labels_train_slower_and_spread_over"
+    "_the_spectrum",
+    "tests/experiments/test_arora2019.py::test_tiny_bound_and_test_error_rise_with_label_noise",
+    "tests/experiments/test_arora2019.py::test_tiny_outputs_and_redraw",
+    "tests/experiments/test_lee2020.py::test_tiny_kernels_and_wide_net_beat_chance_and_agree",
+    "tests/experiments/test_lee2020.py::test_tiny_table_and_outputs",
+    "tests/experiments/test_zhang2019.py::test_tiny_run_outputs",
+    "tests/experiments/test_zhang2019.py::test_ngd_contraction_is_one_minus_eta_at_large_width",
 }
 
 
