@@ -18,7 +18,14 @@ compilation cache (``ntkexp.experiments.base.enable_compile_cache``): repeat 1
 is cold (``new_cold_s``, ``speedup_cold``), later repeats reuse the compiled
 programs as any rerun does (``new_warm_median_s``, ``speedup_warm``).
 
-One command (idle machine; about 15 min with the old code)::
+Each case also gets ``bound``: a lower bound on its training time alone
+(:func:`training_bound`: per GD step ``6 n W`` flops and ``3 W`` float32 weight
+reads/writes per dense layer, at the matmul rate and weight-read rate measured on this
+machine by :func:`machine_rates`), and ``max_speedup_if_all_but_training_were_free``
+= old wall / that bound: when it is under 2, no implementation of the same training
+runs the case 2x faster than the old code.
+
+One command (idle machine; about 8 min for two repeats)::
 
     python -m benchmarks.bench_runner --old OLD_CHECKOUT/.venv/bin/ntkexp --repeats 3
 
