@@ -27,7 +27,7 @@ runs the case 2x faster than the old code.
 
 One command (idle machine; about 8 min for two repeats)::
 
-    python -m benchmarks.bench_runner --old OLD_CHECKOUT/.venv/bin/ntkexp --repeats 3
+    python -m benchmarks.bench_runner --old OLD_CHECKOUT/.venv/bin/ntkexp --repeats 2
 
 (``--new`` defaults to the ``ntkexp`` beside this Python; ``--only jacot_fig2``
 picks cases; results go to ``benchmarks/results/runner.json``). Through
@@ -112,6 +112,8 @@ def machine_rates() -> dict:
     import jax
     import jax.numpy as jnp
 
+    # the fastest of many calls, not benchmarks.common's median matmul unit: a lower
+    # bound on time needs the highest rate the machine reaches
     def best(f, *a, reps=20):
         f(*a).block_until_ready()
         ts = []
@@ -143,12 +145,11 @@ def training_bound(config: str, preset: str, rates: dict) -> dict:
 
     cfg = load(str(ROOT / config), preset=preset)
     m, t = cfg.model, cfg.train
-    depth, d = int(m.depth), int(cfg.data.dim)
-    rows = int(t.batch_size or cfg.data.n_train)
+    d, rows = int(cfg.data.dim), int(t.batch_size or cfg.data.n_train)
     total, per_width = 0.0, {}
     for w in m.widths:
         w = int(w)
-        sizes = [d * w] + [w * w] * (depth - 1) + [w]
+        sizes = [a * b for a, b in m.spec(w).layer_dims(d)]
         flops = 6 * rows * sum(sizes)
         byts = 3 * 4 * sum(sizes)
         step = max(flops / rates["matmul_flops_per_s"], byts / rates["weight_bytes_per_s"])

@@ -169,6 +169,7 @@ SLOW_CASES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in SLOW_CASES:

@@ -24,8 +24,10 @@ leading axis K; build them with :func:`init_ensemble`) in one vmapped program,
 so K initialisations cost about one K-times-larger batch. On CPU the members
 are split into one group per available core, each group a program of its own
 run from a host thread (``threads``): XLA:CPU runs one program's small ops on
-one core. Models that define ``vjp(params, x)`` (the MLP's dense-stack fast
-path) get their gradients from it rather than from ``jax.vjp``.
+one core; members over 1 MiB trained on a few rows instead run one after
+another, each as the single-network program (``ensemble_mode="loop"``).
+Models that define ``vjp(params, x)`` (the MLP's dense-stack fast path) get
+their gradients from it rather than from ``jax.vjp``.
 """
 
 from __future__ import annotations
@@ -789,8 +791,9 @@ def train(
             "lower the learning rate (for ngd, or add damping)"
         )
 
-    # ensemble members split into groups, one host thread each (one group: no threads)
-    groups = _member_groups(K, threads) if ensemble else [(0, 1)]
+    # ensemble members split into groups, one host thread each (one group: no threads);
+    # a looped ensemble is one state per member instead
+    groups = _member_groups(K, threads) if ensemble and not loop else [(0, 1)]
     per_y = cfg.y_per_member
     run_cfg = cfg
     if loop:
