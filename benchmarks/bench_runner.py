@@ -13,21 +13,25 @@ the whole command from outside. The two summaries are compared leaf by leaf:
 (float32 rounding only if the runs compute the same numbers). With
 ``--streams`` the new executable is also run once with the named streams, and
 the summary's difference from the old is reported (expected: other random
-draws, so sampling-size differences). The new runs share a fresh persistent
-compilation cache (``ntkexp.experiments.base.enable_compile_cache``): repeat 1
-is cold (``new_cold_s``, ``speedup_cold``), later repeats reuse the compiled
-programs as any rerun does (``new_warm_median_s``, ``speedup_warm``).
+draws, so sampling-size differences).
+
+Each repeat runs the new executable twice per case: cold (a fresh, empty
+persistent compilation cache, ``ntkexp.experiments.base.enable_compile_cache``:
+everything compiles, as a first run does; ``new_cold_s``, ``speedup_cold``) and
+then warm (the same cache, now holding that run's programs, as any rerun of the
+same shapes; ``new_warm_s``, ``speedup_warm``). Speedups are ratios of medians.
 
 Each case also gets ``bound``: a lower bound on its training time alone
 (:func:`training_bound`: per GD step ``6 n W`` flops and ``3 W`` float32 weight
 reads/writes per dense layer, at the matmul rate and weight-read rate measured on this
-machine by :func:`machine_rates`), and ``max_speedup_if_all_but_training_were_free``
+machine by :func:`machine_rates`: the fastest of many calls, over a 2048^3 matmul and
+every case's own dense layers), and ``max_speedup_if_all_but_training_were_free``
 = old wall / that bound: when it is under 2, no implementation of the same training
 runs the case 2x faster than the old code.
 
-One command (idle machine; about 8 min for two repeats)::
+One command (idle machine; about 12 min for three repeats)::
 
-    python -m benchmarks.bench_runner --old OLD_CHECKOUT/.venv/bin/ntkexp --repeats 2
+    python -m benchmarks.bench_runner --old OLD_CHECKOUT/.venv/bin/ntkexp --repeats 3
 
 (``--new`` defaults to the ``ntkexp`` beside this Python; ``--only jacot_fig2``
 picks cases; results go to ``benchmarks/results/runner.json``). Through
@@ -106,9 +110,16 @@ def run_once(exe: str, config: str, preset: str, env_extra=None) -> tuple[float,
             return wall, json.load(f)
 
 
-def machine_rates() -> dict:
-    """Measured float32 matmul rate (2048^3) and the weight-read rate of a width-1000
-    matrix times 4 columns (8 MB of weights fit the L3 cache: the Jacot Fig. 2 step)."""
+def machine_rates(shapes=()) -> dict:
+    """Measured float32 matmul rate and weight-read rate (the fastest of many calls).
+
+    The matmul rate is the highest over a 2048^3 product and each ``(rows, fan_in,
+    fan_out)`` of ``shapes`` (the cases' dense layers: the rate depends on the shape,
+    and a lower bound on time needs the highest rate reached). The weight-read rate is
+    that of a width-1000 matrix times 4 columns (8 MB of weights fit the L3 cache: the
+    Jacot Fig. 2 step); wider members stream from memory, slower, so the memory bound
+    stays a lower bound.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -124,11 +135,27 @@ def machine_rates() -> dict:
         return min(ts)
 
     mm = jax.jit(lambda a, b: a @ b)
-    a = jnp.ones((2048, 2048), jnp.float32)
-    flops = 2 * 2048**3 / best(mm, a, a)
+    rates = {}
+    for n, k, m in [(2048, 2048, 2048), *sorted(set(shapes))]:
+        a, b = jnp.ones((n, k), jnp.float32), jnp.ones((k, m), jnp.float32)
+        rates[f"{n}x{k}x{m}"] = 2 * n * k * m / best(mm, a, b, reps=50)
     W, h = jnp.ones((1000, 1000), jnp.float32), jnp.ones((1000, 4), jnp.float32)
     bw = W.nbytes / best(mm, W, h, reps=200)
-    return {"matmul_flops_per_s": flops, "weight_bytes_per_s": bw}
+    return {"matmul_flops_per_s": max(rates.values()), "matmul_flops_per_s_by_shape": rates,
+            "weight_bytes_per_s": bw}
+
+
+def matmul_shapes(config: str, preset: str) -> list[tuple[int, int, int]]:
+    """``(rows, fan_in, fan_out)`` of the largest dense layer of each width of a case
+    with at least 16 rows per step (fewer rows are bound by memory, not flops)."""
+    from ntkexp.config import load
+
+    cfg = load(str(ROOT / config), preset=preset)
+    d, rows = int(cfg.data.dim), int(cfg.train.batch_size or cfg.data.n_train)
+    if rows < 16:
+        return []
+    return [(rows, *max(cfg.model.spec(int(w)).layer_dims(d), key=lambda ab: ab[0] * ab[1]))
+            for w in cfg.model.widths]
 
 
 def training_bound(config: str, preset: str, rates: dict) -> dict:
@@ -172,10 +199,8 @@ def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool 
                    "can be compared with the old", "cases": {}}
     for name, (config, preset) in cases.items():
         res["cases"][name] = {"config": config, "preset": preset, "old_s": [], "new_s": []}
-    cache = tempfile.mkdtemp(prefix="bench_runner_xla_")  # fresh: repeat 1 compiles cold
-    legacy = {"NTKEXP_LEGACY_STREAMS": "1", "NTKEXP_COMPILE_CACHE": cache}
-    res["compile_cache"] = ("new runs share a fresh persistent compilation cache: repeat 1 "
-                            "is cold (compiles), later repeats reuse it (warm)")
+    res["compile_cache"] = ("each repeat runs the new code cold (a fresh, empty persistent "
+                            "compilation cache) then warm (the same cache, primed)")
     for r in range(repeats):
         for name, (config, preset) in cases.items():
             c = res["cases"][name]
@@ -184,17 +209,22 @@ def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool 
                 t, s_old = run_once(old, config, preset)
                 c["old_s"].append(round(t, 2))
                 log(f"[{r + 1}/{repeats}] {name} --preset {preset}: old {t:.1f} s")
-            t, s_new = run_once(new, config, preset, legacy)
-            c["new_s"].append(round(t, 2))
-            log(f"[{r + 1}/{repeats}] {name} --preset {preset}: new {t:.1f} s")
+            with tempfile.TemporaryDirectory(prefix="bench_runner_xla_") as cache:
+                env = {"NTKEXP_LEGACY_STREAMS": "1", "NTKEXP_COMPILE_CACHE": cache}
+                t, s_new = run_once(new, config, preset, env)
+                c["new_s"].append(round(t, 2))
+                t2, _ = run_once(new, config, preset, env)
+                c.setdefault("new_warm_s", []).append(round(t2, 2))
+            log(f"[{r + 1}/{repeats}] {name} --preset {preset}: new cold {t:.1f} s, "
+                f"warm {t2:.1f} s")
             if s_old is not None:
                 c["summary_vs_old"] = compare_summaries(s_old, s_new)
                 if streams and r == 0:
-                    t2, s_named = run_once(new, config, preset,
-                                           {"NTKEXP_COMPILE_CACHE": cache})
-                    c["named_streams_s"] = round(t2, 2)
+                    t3, s_named = run_once(new, config, preset)
+                    c["named_streams_s"] = round(t3, 2)
                     c["named_streams_vs_old"] = compare_summaries(s_old, s_named)
-    res["machine"] = rates = machine_rates()
+    shapes = [s for config, preset in cases.values() for s in matmul_shapes(config, preset)]
+    res["machine"] = rates = machine_rates(shapes)
     for c in res["cases"].values():
         c["bound"] = training_bound(c["config"], c["preset"], rates)
         if c["old_s"]:
@@ -203,11 +233,10 @@ def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool 
                 statistics.median(c["old_s"]) / c["bound"]["training_lower_bound_s"], 2)
         if c["old_s"] and c["new_s"]:
             c["old_median_s"] = statistics.median(c["old_s"])
-            c["new_cold_s"] = c["new_s"][0]
-            c["speedup_cold"] = round(c["old_median_s"] / c["new_cold_s"], 2)
-            if len(c["new_s"]) > 1:
-                c["new_warm_median_s"] = statistics.median(c["new_s"][1:])
-                c["speedup_warm"] = round(c["old_median_s"] / c["new_warm_median_s"], 2)
+            c["new_cold_median_s"] = statistics.median(c["new_s"])
+            c["speedup_cold"] = round(c["old_median_s"] / c["new_cold_median_s"], 2)
+            c["new_warm_median_s"] = statistics.median(c["new_warm_s"])
+            c["speedup_warm"] = round(c["old_median_s"] / c["new_warm_median_s"], 2)
     return res
 
 
@@ -244,6 +273,6 @@ if __name__ == "__main__":
     r = bench(a.old, a.new, a.repeats, a.only, a.streams, log=lambda m: print(m, flush=True))
     print(_write(r, a.out))
     for name, c in r["cases"].items():
-        print(name, {k: c.get(k) for k in ("old_median_s", "new_cold_s", "speedup_cold",
+        print(name, {k: c.get(k) for k in ("old_median_s", "new_cold_median_s", "speedup_cold",
                                            "new_warm_median_s", "speedup_warm")},
               c.get("summary_vs_old", {}).get("max_rel_diff"))

@@ -46,6 +46,8 @@ import optax
 
 import ntkexp.models  # noqa: F401  (registers the built-in architectures)
 from ntkexp.empirical import empirical_ntk
+from ntkexp.members import member as take_member
+from ntkexp.members import stack as stack_members
 
 Array = jax.Array
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -394,16 +396,6 @@ def _concat_groups(trees):
 
 def _concat(trees):
     return trees[0] if len(trees) == 1 else _concat_groups(trees)
-
-
-@functools.partial(jax.jit, static_argnames=("K",))
-def _split_members(tree, K):
-    return [jax.tree_util.tree_map(lambda l, k=k: l[k], tree) for k in range(K)]
-
-
-@jax.jit
-def _stack_members(trees):
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a, axis=0), *trees)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -800,11 +792,11 @@ def train(
         # one single-network program per member, run in turn (or on `threads` host threads)
         run_cfg = cfg._replace(ensemble=False, key_per_member=False, y_per_member=False,
                                unroll_members="vmap")
-        parts = _split_members((p_tr, opt_state, frozen, key if key_per_member else None,
-                                y if per_y else None), K)
+        whole = (p_tr, opt_state, frozen, key if key_per_member else None, y if per_y else None)
+        parts = [take_member(whole, k) for k in range(K)]
         states = [(p, s, fr, k if key_per_member else key, yy if per_y else y)
                   for p, s, fr, k, yy in parts]
-        p_tr = opt_state = parts = None
+        p_tr = opt_state = parts = whole = None
     elif len(groups) == 1:
         states = [(p_tr, opt_state, frozen, key, y)]
     else:
@@ -820,7 +812,7 @@ def train(
         out = _run_chunk(run_cfg, b - a, p, s, fr, k, x, yy, jnp.asarray(a, jnp.int32))
         return jax.block_until_ready(out)
 
-    gather = _stack_members if loop else _concat
+    gather = stack_members if loop else _concat
     workers = min(threads, len(states))
 
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
@@ -913,5 +905,5 @@ def init_ensemble(build_or_spec, in_dim: int, keys: Array, dtype=None):
         params = jax.vmap(lambda k: build(k)[1])(keys)
     except Exception:  # noqa: BLE001 - a builder that cannot be vmapped: build one by one
         ps = [build(keys[i])[1] for i in range(keys.shape[0])]
-        params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ps)
+        params = stack_members(ps)
     return apply_fn, params

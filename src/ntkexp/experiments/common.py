@@ -31,6 +31,7 @@ from ntkexp.config import ConfigError
 from ntkexp.data import DataError
 from ntkexp.experiments import streams
 from ntkexp.experiments.base import Member, Unit
+from ntkexp.members import stack as stack_members
 
 
 def _arch(cfg):
@@ -69,12 +70,21 @@ def build_ensemble(cfg, unit: Unit, in_dim: int, dtype, spec=None, builder=None)
     # one build per key, stacked: exactly the single builds, and fast (a vmapped
     # build of a Flax module traces op by op: 12 s for ten width-50 MLPs)
     built = [builder(k) for k in streams.keys(cfg.seed, "init", unit.inits)]
-    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[b[1] for b in built])
+    params = stack_members([b[1] for b in built])
     return built[0][0], params
 
 
 def per_member(fn, params, *args):
-    """``fn(params_k, *args)`` for every member k (vmapped over the leading axis)."""
+    """``fn(params_k, *args)`` for every member k (vmapped over the leading axis).
+
+    One jitted program per ``fn`` and shapes (``fn`` must be hashable, as every
+    ``apply_fn`` is): an eager ``vmap`` would compile each of its ops on its own.
+    """
+    return _per_member(fn, params, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_member(fn, params, *args):
     return jax.vmap(fn, in_axes=(0,) + (None,) * len(args))(params, *args)
 
 

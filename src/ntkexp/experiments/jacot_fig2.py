@@ -120,16 +120,11 @@ def reference(cfg, data):
     p = cfg.params
     method = limit_method(cfg, p.limit)
     kw = dict(method=method, mc_width=p.mc_width, mc_samples=p.mc_samples, mc_batch=p.mc_batch)
-    if method == "analytic":
-        kxx = limit_kernel(cfg, X, **kw)
-        ktx = limit_kernel(cfg, xs, X, **kw)
-        s_tt = np.diag(np.asarray(limit_kernel(cfg, xs, **kw).nngp))
-        args = (kxx.ntk, ktx.ntk, kxx.nngp, ktx.nngp, s_tt, y)
-    else:  # one Monte Carlo kernel on [X; xs], sliced
-        n = X.shape[0]
-        k = limit_kernel(cfg, jnp.concatenate([X, xs]), **kw)
-        args = (k.ntk[:n, :n], k.ntk[n:, :n], k.nngp[:n, :n], k.nngp[n:, :n],
-                np.diag(np.asarray(k.nngp))[n:], y)
+    # one kernel on [X; xs], sliced: one compiled program (three shapes compiled three)
+    n = X.shape[0]
+    k = limit_kernel(cfg, jnp.concatenate([X, xs]), **kw)
+    ntk, nngp = np.asarray(k.ntk), np.asarray(k.nngp)
+    args = (ntk[:n, :n], ntk[n:, :n], nngp[:n, :n], nngp[n:, :n], np.diag(nngp)[n:], y)
     mean, sd = limiting_gaussian(*args)
     n, lr, steps = X.shape[0], cfg.train.learning_rates[0], cfg.train.steps
     div = n if cfg.train.loss_reduction == "mean" else 1

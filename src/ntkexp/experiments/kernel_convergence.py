@@ -52,6 +52,7 @@ from ntkexp.experiments.common import (
     limit_summary,
     train_ensemble,
 )
+from ntkexp.members import member as take_member
 
 NAME = "kernel_convergence"
 THEORY_SLOPE = -0.5
@@ -86,7 +87,7 @@ def _ntk(cfg, apply_fn, params, x):
     K = jax.tree_util.tree_leaves(params)[0].shape[0]
     out = []
     for i in range(K):
-        p = jax.tree_util.tree_map(lambda a, i=i: a[i], params)
+        p = take_member(params, i)
         k = empirical_ntk(apply_fn, p, x, method=cfg.params.method)
         out.append(np.asarray(k / apply_fn(p, x[:1]).shape[1]))
     return np.stack(out)
