@@ -17,9 +17,11 @@ draws, so sampling-size differences).
 
 Each repeat runs the new executable twice per case: cold (a fresh, empty
 persistent compilation cache, ``ntkexp.experiments.base.enable_compile_cache``:
-everything compiles, as a first run does; ``new_cold_s``, ``speedup_cold``) and
+everything compiles, as a first run does; ``new_s``, ``new_cold_median_s``,
+``speedup_cold``) and
 then warm (the same cache, now holding that run's programs, as any rerun of the
-same shapes; ``new_warm_s``, ``speedup_warm``). Speedups are ratios of medians.
+same shapes; ``new_warm_s``, ``new_warm_median_s``, ``speedup_warm``). Speedups
+are ratios of medians.
 
 Each case also gets ``bound``: a lower bound on its training time alone
 (:func:`training_bound`: per GD step ``6 n W`` flops and ``3 W`` float32 weight
@@ -198,7 +200,8 @@ def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool 
                    "new interleaved; new runs use NTKEXP_LEGACY_STREAMS=1 so their summaries "
                    "can be compared with the old", "cases": {}}
     for name, (config, preset) in cases.items():
-        res["cases"][name] = {"config": config, "preset": preset, "old_s": [], "new_s": []}
+        res["cases"][name] = {"config": config, "preset": preset, "old_s": [], "new_s": [],
+                              "new_warm_s": []}
     res["compile_cache"] = ("each repeat runs the new code cold (a fresh, empty persistent "
                             "compilation cache) then warm (the same cache, primed)")
     for r in range(repeats):
@@ -214,7 +217,7 @@ def bench(old: str | None, new: str, repeats: int = 1, only=None, streams: bool 
                 t, s_new = run_once(new, config, preset, env)
                 c["new_s"].append(round(t, 2))
                 t2, _ = run_once(new, config, preset, env)
-                c.setdefault("new_warm_s", []).append(round(t2, 2))
+                c["new_warm_s"].append(round(t2, 2))
             log(f"[{r + 1}/{repeats}] {name} --preset {preset}: new cold {t:.1f} s, "
                 f"warm {t2:.1f} s")
             if s_old is not None:

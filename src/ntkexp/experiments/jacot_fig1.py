@@ -96,15 +96,10 @@ def reference(cfg, data):
     x0 = _x0(cfg, dtype)[None, :]
     p = cfg.params
     method = limit_method(cfg, p.limit)
-    if method == "analytic":  # one row Theta(x0, [x0; xs]): one compiled program
-        row = limit_kernel(cfg, x0, jnp.concatenate([x0, xs]), method=method,
-                           mc_width=p.mc_width, mc_samples=p.mc_samples).ntk[0]
-        k, k00 = row[1:], row[0]
-    else:  # one Monte Carlo kernel on [x0; xs]: row 0 holds both
-        full = limit_kernel(cfg, jnp.concatenate([x0, xs]), method=method,
-                            mc_width=p.mc_width, mc_samples=p.mc_samples,
-                            mc_batch=p.mc_batch).ntk
-        k, k00 = full[0, 1:], full[0, 0]
+    # one kernel on [x0; xs] (one compiled program, analytic or Monte Carlo): row 0 holds both
+    full = limit_kernel(cfg, jnp.concatenate([x0, xs]), method=method, mc_width=p.mc_width,
+                        mc_samples=p.mc_samples, mc_batch=p.mc_batch).ntk
+    k, k00 = full[0, 1:], full[0, 0]
     return {"ntk": k, "x0x0": k00, "gammas": g}
 
 

@@ -126,7 +126,7 @@ def reference(cfg, data):
     ntk, nngp = np.asarray(k.ntk), np.asarray(k.nngp)
     args = (ntk[:n, :n], ntk[n:, :n], nngp[:n, :n], nngp[n:, :n], np.diag(nngp)[n:], y)
     mean, sd = limiting_gaussian(*args)
-    n, lr, steps = X.shape[0], cfg.train.learning_rates[0], cfg.train.steps
+    lr, steps = cfg.train.learning_rates[0], cfg.train.steps
     div = n if cfg.train.loss_reduction == "mean" else 1
     mean_t, sd_t = limiting_gaussian(
         *args, shrink=lambda lam: 1.0 - (1.0 - lr * lam / div) ** steps)
