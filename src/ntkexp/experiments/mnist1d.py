@@ -90,6 +90,8 @@ class Params:
       rigour: also run the controls of :func:`rigour` (ridge by k-fold CV on the
         training split, shuffled labels, duplicate check, data-set seeds, trained
         Adam/cross-entropy baselines) into ``summary['rigour']``.
+      rigour_architectures: the kernels of the controls (independent of
+        ``architectures``, which sets the GD nets and the main kernels).
       ridge_grid: relative ridges (times the mean diagonal) the CV chooses from.
       cv_folds: folds of the cross-validation (training split only).
       data_seeds: ``make_dataset`` seeds of the kernel seed spread.
@@ -117,6 +119,7 @@ class Params:
     kernel_ridge: float = dataclasses.field(default=1e-6, metadata={"min": 0.0})
     power_iterations: int = dataclasses.field(default=30, metadata={"min": 1})
     rigour: bool = False
+    rigour_architectures: tuple[Literal["mlp", "cnn"], ...] = ("mlp", "cnn")
     ridge_grid: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     cv_folds: int = dataclasses.field(default=5, metadata={"min": 2})
     data_seeds: tuple[int, ...] = (42,)
@@ -330,7 +333,7 @@ def cv_ridge(K, labels, grid, folds: int, seed: int = 0) -> dict:
             acc[i] += _accuracy(er.predict(Kt, r * scale), labels[va]) / folds
     best = max(range(len(grid)), key=lambda i: (round(acc[i], 12), grid[i]))
     return {"ridge": float(grid[best]),
-            "cv_accuracy": {f"{r:g}": float(a) for r, a in zip(grid, acc, strict=True)}}
+            "cv_accuracy": {f"{r:.0e}": float(a) for r, a in zip(grid, acc, strict=True)}}
 
 
 def duplicates(x, x_test, tol: float = 1e-6) -> dict:
@@ -357,11 +360,11 @@ def kernel_controls(ktr, kte, labels, labels_test, grid, folds: int, seed: int) 
         cv = cv_ridge(K, labels, grid, folds, seed)
         scale = float(np.mean(np.diag(K)))
         er = _EigenRidge(K, _onehot(labels))
-        test = {f"{r:g}": _accuracy(er.predict(Kt, r * scale), labels_test) for r in grid}
+        test = {f"{r:.0e}": _accuracy(er.predict(Kt, r * scale), labels_test) for r in grid}
         shuf = np.random.default_rng(seed + 1).permutation(np.asarray(labels))
         er_s = _EigenRidge(K, _onehot(shuf))
         out[name] = {"cv_ridge": cv["ridge"], "cv_accuracy": cv["cv_accuracy"],
-                     "test_accuracy": test[f"{cv['ridge']:g}"], "test_accuracy_by_ridge": test,
+                     "test_accuracy": test[f"{cv['ridge']:.0e}"], "test_accuracy_by_ridge": test,
                      "shuffled_test_accuracy": _accuracy(er_s.predict(Kt, cv["ridge"] * scale),
                                                          labels_test)}
     return out
@@ -453,7 +456,7 @@ def rigour(cfg, *, log=None) -> dict:
         d = mnist1d_arrays(seed)
         x, y, xt, yt = d["x"][:n], d["y"][:n], d["x_test"][:m], d["y_test"][:m]
         entry = {"duplicates": duplicates(x, xt)}
-        for arch in p.architectures:
+        for arch in p.rigour_architectures:
             k = sizes[arch]
             fn = analytic_tiles(arch_spec(cfg, arch, 1), arch)
             ktr = tiled_kernel(fn, x[:k].astype(np.float64), None,
@@ -467,7 +470,7 @@ def rigour(cfg, *, log=None) -> dict:
                     f"{q} {entry[arch][q]['test_accuracy']:.3f}" for q in ("nngp", "ntk")))
         per_seed[str(seed)] = entry
     spread = {}
-    for arch in p.architectures:
+    for arch in p.rigour_architectures:
         for q in ("nngp", "ntk"):
             for field in ("test_accuracy", "shuffled_test_accuracy"):
                 v = np.array([per_seed[str(s)][arch][q][field] for s in p.data_seeds])
@@ -491,7 +494,7 @@ def rigour(cfg, *, log=None) -> dict:
             if log:
                 log(f"trained {arch} {w}: {acc.mean():.3f}")
     comparison = {}
-    if "cnn" in p.architectures and p.trained_cnn_channels and 42 in p.data_seeds:
+    if "cnn" in p.rigour_architectures and p.trained_cnn_channels and 42 in p.data_seeds:
         best_net = max((v for v in trained.values() if v["arch"] == "cnn"),
                        key=lambda v: v["test_accuracy_mean"])
         for q in ("nngp", "ntk"):
@@ -501,7 +504,7 @@ def rigour(cfg, *, log=None) -> dict:
         comparison["best_trained_cnn"] = f"cnn_{best_net['width']}"
         comparison["best_trained_cnn_accuracy"] = best_net["test_accuracy_mean"]
         comparison["best_trained_cnn_sd"] = best_net["test_accuracy_sd"]
-    if "mlp" in p.architectures and p.trained_mlp_widths and 42 in p.data_seeds:
+    if "mlp" in p.rigour_architectures and p.trained_mlp_widths and 42 in p.data_seeds:
         best_net = max((v for v in trained.values() if v["arch"] == "mlp"),
                        key=lambda v: v["test_accuracy_mean"])
         for q in ("nngp", "ntk"):
