@@ -14,6 +14,7 @@ from ntkexp.experiments import (  # noqa: F401  (registration)
     arora2019,
     bietti2019,
     du2019,
+    finite_width_corrections,
     jacot_fig1,
     jacot_fig2,
     kernel_convergence,
