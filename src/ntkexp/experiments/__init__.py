@@ -13,7 +13,9 @@ registered architecture, issue 7). A plugin module registers more with
 from ntkexp.experiments import (  # noqa: F401  (registration)
     arora2019,
     bietti2019,
+    double_descent,
     du2019,
+    finite_width_corrections,
     jacot_fig1,
     jacot_fig2,
     kernel_convergence,
