@@ -269,7 +269,7 @@ class ModelConfig:
     activation_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     W_std: float = dataclasses.field(default=1.0, metadata={"min": 0})
     b_std: float = dataclasses.field(default=0.0, metadata={"min": 0})
-    parameterization: Literal["ntk", "standard"] = "ntk"
+    parameterization: Literal["ntk", "standard", "mup", "mean_field"] = "ntk"
     out_dim: int = dataclasses.field(default=1, metadata={"min": 1})
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     given: tuple[str, ...] = ()
