@@ -11,7 +11,8 @@ XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-x64 test-x32 test-slow test-slow-x64 ci test-all bench lint gpu-check clean
+PHONY_GALLERY := gallery gallery-render
+.PHONY: $(PHONY_GALLERY) setup run test test-x64 test-x32 test-slow test-slow-x64 ci test-all bench lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +60,15 @@ bench: setup
 ## Without a GPU it stops at once with one line.
 gpu-check: setup
 	@$(VENV)/bin/ntkexp gpu-check --out runs/gpu-check
+
+## Re-run every gallery preset the page templates name (experiments/*/README.template.md),
+## one at a time and resumable, record each run, then regenerate experiments/*/README.md.
+gallery: setup
+	JAX_PLATFORMS=cpu $(VENV)/bin/ntkexp gallery run
+
+## Regenerate the gallery pages from the committed records only (seconds).
+gallery-render: setup
+	$(VENV)/bin/ntkexp gallery render
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -7,6 +7,7 @@
     ntkexp validate CONFIG [--set ...] [--preset P]
     ntkexp list
     ntkexp gpu-check [--out runs/gpu-check] [--preset paper] [--no-bench]
+    ntkexp gallery record RUN_DIR --page PAGE | render | check | run   (ntkexp.gallery)
 
 Errors a user can cause (bad config, missing file, unknown experiment, a GPU
 asked for but absent) print one line ``ntkexp: error: ...`` on stderr and exit
@@ -89,6 +90,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="config to time (repeatable; default the two Jacot figures)")
     g.add_argument("--no-bench", action="store_true", help="skip the benchmarks")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ga = sub.add_parser("gallery", help="gallery pages from committed records: record a "
+                        "run, render/check the pages, re-run every gallery preset")
+    gs = ga.add_subparsers(dest="gallery_cmd", required=True, parser_class=_Parser)
+    gr = gs.add_parser("record", help="write experiments/PAGE/results/<stem>-<preset>.json")
+    gr.add_argument("run_dir")
+    gr.add_argument("--page", required=True, help="folder name under experiments/")
+    gr.add_argument("--no-figure", action="store_true", help="do not copy the main figure")
+    for name, hlp in (("render", "write experiments/*/README.md from templates + records"),
+                      ("check", "fail when a README.md differs from what its records give"),
+                      ("run", "re-run every preset the templates name, record, render")):
+        gp = gs.add_parser(name, help=hlp)
+        if name != "check":
+            gp.add_argument("--page", action="append", default=[], help="only this page")
+        if name == "run":
+            gp.add_argument("--force", action="store_true", help="re-run recorded ones too")
+    for gp in (gr, *gs.choices.values()):
+        if not any(a.dest == "root" for a in gp._actions):
+            gp.add_argument("--root", default=".", help="repository root")
     return p
 
 
@@ -185,6 +205,12 @@ def _cmd_plot(args) -> int:
     for path in plot_run(args.run_dir):
         print(path)
     return 0
+
+
+def _cmd_gallery(args) -> int:
+    from ntkexp.gallery import cli_main
+
+    return cli_main(args)
 
 
 def _cmd_list(args) -> int:
@@ -299,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         cmd = {"run": _cmd_run, "plot": _cmd_plot, "validate": _cmd_validate,
-               "list": _cmd_list, "gpu-check": _cmd_gpu_check}[args.cmd]
+               "list": _cmd_list, "gpu-check": _cmd_gpu_check,
+               "gallery": _cmd_gallery}[args.cmd]
         return cmd(args)
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else USAGE_ERROR
