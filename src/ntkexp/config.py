@@ -269,7 +269,7 @@ class ModelConfig:
     activation_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     W_std: float = dataclasses.field(default=1.0, metadata={"min": 0})
     b_std: float = dataclasses.field(default=0.0, metadata={"min": 0})
-    parameterization: Literal["ntk", "standard"] = "ntk"
+    parameterization: Literal["ntk", "standard", "mup", "mean_field"] = "ntk"
     out_dim: int = dataclasses.field(default=1, metadata={"min": 1})
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     given: tuple[str, ...] = ()
@@ -481,7 +481,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training section. ``learning_rate`` may be a list (a sweep); ``inits`` is
-    the number of independent initialisations (seeds) per width."""
+    the number of independent initialisations (seeds) per width. ``lazy_alpha``
+    trains ``alpha (f(w) - f(w0))`` on the loss over ``alpha^2`` (Chizat et al.
+    2019, :mod:`ntkexp.lazy`); null: the plain model."""
 
     optimizer: str = "gd"
     optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -491,6 +493,7 @@ class TrainConfig:
     inits: int = dataclasses.field(default=1, metadata={"min": 1})
     batch_size: int | None = dataclasses.field(default=None, metadata={"min": 1})
     loss_reduction: Literal["mean", "sum"] = "mean"
+    lazy_alpha: float | None = dataclasses.field(default=None, metadata={"min_exclusive": 0.0})
 
     @property
     def learning_rates(self) -> tuple[float, ...]:

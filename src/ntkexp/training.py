@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 import ntkexp.models  # noqa: F401  (registers the built-in architectures)
+from ntkexp import lazy as lazy_scale
 from ntkexp.empirical import empirical_ntk
 from ntkexp.members import member as take_member
 from ntkexp.members import stack as stack_members
@@ -561,6 +562,7 @@ def train(
     threads: int | None = None,
     targets_per_member: bool = False,
     hyperparams: Mapping[str, Any] | None = None,
+    lazy_alpha: float | None = None,
 ) -> TrainResult:
     """Train ``apply_fn`` on the squared loss; jit + ``lax.scan`` (+ ``vmap`` for ensembles).
 
@@ -630,6 +632,10 @@ def train(
         ``(K,)`` arrays, one value per member. They are traced, so one
         compiled program serves every value (a learning-rate sweep compiles
         once per shape).
+      lazy_alpha: train the lazy-scaled model ``alpha (f(w) - f(w0))`` on the loss
+        divided by ``alpha^2`` (Chizat, Oyallon & Bach 2019; :mod:`ntkexp.lazy`);
+        the losses, records and optimizer then see that model, and
+        ``TrainResult.params`` are the trained ``w``. None: the plain model.
 
     Returns:
       A :class:`TrainResult`.
@@ -648,6 +654,9 @@ def train(
             f"got {type(optimizer).__name__}"
         )
     steps = _check_int("steps", steps, 0)
+    if lazy_alpha is not None:  # h = alpha (f(w) - f(w0)) on L / alpha^2: ntkexp.lazy
+        apply_fn, params, trainable, optimizer = lazy_scale.wrap(
+            apply_fn, params, lazy_alpha, optimizer=optimizer, trainable=trainable)
     x = jnp.asarray(x)
     y = jnp.asarray(y)
     y_members = None
@@ -849,7 +858,7 @@ def train(
         return jnp.stack(records[name], axis=1 if ensemble else 0)
 
     return TrainResult(
-        params=final,
+        params=lazy_scale.unwrap(final) if lazy_alpha is not None else final,
         losses=losses,
         record_steps=tuple(rec),
         probe_outputs=stack("probe_outputs"),

@@ -50,6 +50,7 @@ from ntkexp.activations import Activation, safe_sqrt
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import DEFAULT_DEGREE, DEFAULT_NODES, NumericalDual
 from ntkexp.models.mlp import MLPSpec
+from ntkexp.models.parameterization import require_kernel_limit
 
 Array = jax.Array
 
@@ -374,12 +375,15 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
       ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the floating dtype of the inputs.
 
     Raises:
+      ParameterizationError: a ``mup`` / ``mean_field`` spec (a ValueError; its
+        limit is not a kernel).
       TypeError: ``spec`` is not an MLPSpec, or inputs are not real arrays.
       ValueError: inputs of the wrong rank or mismatched dimension, empty, or
         containing NaN/inf; a bad ``block_size``.
     """
     if not isinstance(spec, MLPSpec):
         return _other_kernel(spec, x1, x2)
+    require_kernel_limit(spec.parameterization)  # mup / mean_field: one clear line
     sym = x2 is None
     x1 = _as_inputs(x1, "x1")
     if sym:

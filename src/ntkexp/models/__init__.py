@@ -4,6 +4,7 @@ Built in (names used as ``model.arch`` in a config): ``mlp``
 (:mod:`ntkexp.models.mlp`), ``two_layer_relu`` (:mod:`ntkexp.models.two_layer`),
 ``cnn`` (:mod:`ntkexp.models.cnn`), ``resmlp`` (:mod:`ntkexp.models.resmlp`) and
 ``layers`` (:mod:`ntkexp.models.layered`: a layer list written in the config),
+``diagonal`` (:mod:`ntkexp.models.diagonal`, Woodworth et al. 2020),
 each with its analytic infinite-width kernel. A plugin registers more with
 :func:`register_architecture` (see ``docs/extending.md``).
 """
@@ -38,4 +39,4 @@ register_architecture("mlp", make_spec=MLPSpec, analytic=_mlp_analytic)(_build_m
 
 # The other built-in architectures register themselves on import (after "mlp",
 # so that ntkexp.kernels, which imports ntkexp.models.mlp, finds it complete).
-from ntkexp.models import cnn, layered, resmlp, two_layer  # noqa: E402, F401, I001  (registration)
+from ntkexp.models import cnn, diagonal, layered, resmlp, two_layer  # noqa: E402, F401, I001  (registration)
