@@ -10,9 +10,8 @@ from flax import nnx
 
 from conftest import needs_x64, rel_err
 from ntkexp.empirical import empirical_ntk
-from ntkexp.kernels import analytic_kernel
-from ntkexp.kernels.cnn import cnn_kernel
-from ntkexp.models.cnn import CNN, CNNApply, CNNSpec, init_cnn_params
+from ntkexp.models.analytic import analytic_kernel
+from ntkexp.models.cnn import CNN, CNNApply, CNNSpec, cnn_kernel, init_cnn_params
 from ntkexp.models.mlp import MLPSpec
 from ntkexp.models.registry import ARCHITECTURES
 

@@ -39,14 +39,13 @@ tile by tile:
 
 Example::
 
-    fn = analytic_tiles(spec)                      # any registered architecture
+    fn = ntkexp.tiles.analytic_tiles(spec)         # any registered architecture
     k = tiled_kernel(fn, x_train, memory_budget="1GiB")            # Kernel of (n, n)
     k_te = tiled_kernel(fn, x_test, x_train, out="runs/k_te.npy")  # resumable
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -111,90 +110,8 @@ def _fmt(n: float) -> str:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class AnalyticTiles:
-    """``(a, b) -> Kernel``: the registered analytic limit of architecture ``arch``.
-
-    Goes through ``ntkexp.models.ARCHITECTURES[arch].analytic``, so any
-    architecture (or layer composition) that registers an analytic kernel is
-    tiled without code of its own.
-    """
-
-    arch: str
-    spec: Any
-
-    def __call__(self, a, b):
-        from ntkexp.models import ARCHITECTURES
-
-        return ARCHITECTURES.get(self.arch).analytic(self.spec, a, b)
-
-    @property
-    def fingerprint(self) -> str:
-        return f"analytic:{self.arch}:{self.spec!r}"
-
-
-def analytic_tiles(spec, arch: str | None = None) -> AnalyticTiles:
-    """The analytic tile function of ``spec``; ``arch`` defaults to the registered
-    architecture whose ``make_spec`` is ``type(spec)``.
-
-    Raises:
-      ValueError: no (or several) architectures with this spec type, or one without
-        an analytic kernel.
-    """
-    from ntkexp.models import ARCHITECTURES
-
-    if arch is None:
-        names = [n for n, a in ARCHITECTURES.items() if a.make_spec is type(spec)]
-        if len(names) != 1:
-            raise ValueError(f"cannot tell the architecture of a {type(spec).__name__} "
-                             f"(candidates: {names or 'none'}); pass arch=")
-        arch = names[0]
-    if ARCHITECTURES.get(arch).analytic is None:
-        raise ValueError(f"architecture {arch!r} has no analytic kernel")
-    return AnalyticTiles(arch, spec)
-
-
-@dataclasses.dataclass(frozen=True)
-class EmpiricalTiles:
-    """``(a, b, params) -> (t1, t2)`` empirical NTK (pass ``args=(params,)``)."""
-
-    apply_fn: Callable
-    method: str = "auto"
-
-    def __call__(self, a, b, params):
-        from ntkexp.empirical import empirical_ntk
-
-        return empirical_ntk(self.apply_fn, params, a, b, method=self.method)
-
-    @property
-    def fingerprint(self) -> str:
-        return f"empirical:{self.method}:{self.apply_fn!r}"
-
-
-def empirical_tiles(apply_fn, method: str = "auto") -> EmpiricalTiles:
-    """The empirical-NTK tile function of ``apply_fn``; call with ``args=(params,)``."""
-    return EmpiricalTiles(apply_fn, method)
-
-
-@dataclasses.dataclass(frozen=True)
-class MonteCarloTiles:
-    """``(a, b, key) -> Kernel``: :func:`ntkexp.empirical.monte_carlo_kernel` with the
-    same key for every tile (so every tile averages the same initialisations)."""
-
-    spec: Any
-    n_samples: int
-    width: int
-    method: str = "auto"
-
-    def __call__(self, a, b, key):
-        from ntkexp.empirical import monte_carlo_kernel
-
-        return monte_carlo_kernel(self.spec, a, b, key=key, n_samples=self.n_samples,
-                                  width=self.width, method=self.method)
-
-    @property
-    def fingerprint(self) -> str:
-        return f"monte_carlo:{self.spec!r}:{self.n_samples}:{self.width}:{self.method}"
+# The tile functions of an architecture's limit, an empirical NTK or a Monte Carlo
+# average live in ntkexp.tiles (they name models); this module tiles any function.
 
 
 # --------------------------------------------------------------------------
@@ -513,7 +430,8 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
       fn: tile function ``(a (t1, ...), b (t2, ...), *args) -> pytree`` of arrays
         with leading axes ``(t1, t2)`` (a ``Kernel``, an array...); row-separable
         (row i of a tile depends on ``a[i]`` only, column j on ``b[j]`` only).
-        Use :func:`analytic_tiles`, :func:`empirical_tiles` or :class:`MonteCarloTiles`
+        Use :func:`ntkexp.tiles.analytic_tiles`, :func:`ntkexp.tiles.empirical_tiles` or
+        :class:`ntkexp.tiles.MonteCarloTiles`
         for the built-in kernels.
       x1: ``(n1, ...)`` inputs. x2: ``(n2, ...)`` or None (``x2 = x1``: exactly
         symmetric result, upper tiles only).
@@ -696,13 +614,8 @@ def kernel_budget(cfg) -> int:
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
-    "AnalyticTiles",
-    "EmpiricalTiles",
-    "MonteCarloTiles",
     "TilePlan",
     "TilingError",
-    "analytic_tiles",
-    "empirical_tiles",
     "fingerprint_of",
     "kernel_budget",
     "parse_bytes",
