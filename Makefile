@@ -60,8 +60,10 @@ bench: setup
 gpu-check: setup
 	@$(VENV)/bin/ntkexp gpu-check --out runs/gpu-check
 
+## ruff (style, complexity) and the package-order contracts of pyproject.toml (import-linter).
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

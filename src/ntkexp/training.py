@@ -46,8 +46,12 @@ import optax
 
 import ntkexp.models  # noqa: F401  (registers the built-in architectures)
 from ntkexp.empirical import empirical_ntk
+from ntkexp.layers.base import Layer
+from ntkexp.layers.network import Network
 from ntkexp.members import member as take_member
 from ntkexp.members import stack as stack_members
+from ntkexp.models.registry import architecture_of
+from ntkexp.theory import max_weight_distance, pattern_flip_fraction, supports_patterns
 
 Array = jax.Array
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -454,8 +458,6 @@ def _final_loss(cfg: _Config, p_tr, frozen, x, y):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "with_probe"))
 def _record(cfg: _Config, with_probe: bool, p_tr, frozen, params0, x, probe_x):
-    from ntkexp.theory import max_weight_distance, pattern_flip_fraction, supports_patterns
-
     part = cfg.partition
 
     def one(p, fr, p0):
@@ -876,12 +878,7 @@ def init_ensemble(build_or_spec, in_dim: int, keys: Array, dtype=None):
     Returns:
       ``(apply_fn, params)``; member k equals the single build from ``keys[k]``.
     """
-    from ntkexp.layers.base import Layer
-    from ntkexp.models.registry import architecture_of
-
     if isinstance(build_or_spec, Layer):
-        from ntkexp.layers.network import Network
-
         net = Network(build_or_spec, (in_dim,) if isinstance(in_dim, int) else tuple(in_dim))
 
         def build(k):

@@ -31,7 +31,12 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ntkexp.activations import ACTIVATIONS
+from ntkexp.layers.activation import Activation
 from ntkexp.layers.base import Layer
+from ntkexp.layers.combinators import frozen, parallel, residual, serial
+from ntkexp.layers.dense import Dense
+from ntkexp.layers.reshape import Flatten
 from ntkexp.registry import Registry, RegistryError
 
 LAYERS: Registry[Callable[..., Layer]] = Registry("layer")
@@ -60,8 +65,6 @@ def _keys_of(factory) -> tuple[list[str], bool]:
 
 def known_kinds() -> list[str]:
     """Every name a layer entry may use (layer kinds and activations)."""
-    from ntkexp.activations import ACTIVATIONS
-
     return sorted(set(LAYERS.names()) | set(ACTIVATIONS.names()))
 
 
@@ -76,9 +79,6 @@ def _plain(v):
 
 def parse_layer(entry, path: str = "layers[0]", defaults: Mapping[str, Any] | None = None) -> Layer:
     """One YAML entry (a name or a one-key mapping) -> a :class:`Layer`."""
-    from ntkexp.activations import ACTIVATIONS
-    from ntkexp.layers.activation import Activation
-
     defaults = dict(defaults or {})
     entry = _plain(entry)
     if isinstance(entry, Layer):
@@ -147,8 +147,6 @@ def parse_layers(entries, path: str = "layers",
 
 def build_layers(entries, *, path: str = "layers", **defaults) -> Layer:
     """A YAML list -> ``serial(*layers)``."""
-    from ntkexp.layers.combinators import serial
-
     layers = parse_layers(entries, path, defaults)
     if not layers:
         raise LayerSpecError(path, "the layer list is empty")
@@ -164,8 +162,6 @@ def build_layers(entries, *, path: str = "layers", **defaults) -> Layer:
 def _dense(width: int | None = None, out: int | None = None, W_std: float = 1.0,
            b_std: float = 0.0, parameterization: str = "ntk"):
     """``{dense: {width: n}}`` (hidden, swept with the model width) or ``{dense: {out: k}}``."""
-    from ntkexp.layers.dense import Dense
-
     if out is not None:
         return Dense(out, W_std, b_std, parameterization, readout=True)
     if width is None:
@@ -176,23 +172,17 @@ def _dense(width: int | None = None, out: int | None = None, W_std: float = 1.0,
 @register_layer("activation")
 def _activation(name: str, params: Mapping | None = None):
     """``{activation: {name: tanh, params: {...}}}`` (same as the bare name)."""
-    from ntkexp.layers.activation import Activation
-
     return Activation(name, dict(params or {}))
 
 
 @register_layer("serial")
 def _serial(layers: Sequence[Layer] = ()):
-    from ntkexp.layers.combinators import serial
-
     return serial(*layers)
 
 
 @register_layer("parallel")
 def _parallel(branches: Sequence[Sequence[Layer]] = (), scales: Sequence[float] | None = None):
     """``{parallel: {branches: [[...], [...]], scales: [1.0, 0.5]}}``: the scaled sum."""
-    from ntkexp.layers.combinators import parallel, serial
-
     return parallel(*(serial(*b) for b in branches), scales=scales)
 
 
@@ -200,23 +190,17 @@ def _parallel(branches: Sequence[Sequence[Layer]] = (), scales: Sequence[float] 
 def _residual(layers: Sequence[Layer] = (), scale: float = 1.0, branch: Sequence[Layer] = ()):
     """``{residual: {scale: a, layers: [...]}}``: ``x + a * serial(layers)(x)``
     (``branch`` is a synonym of ``layers``)."""
-    from ntkexp.layers.combinators import residual
-
     return residual(*(tuple(layers) + tuple(branch)), scale=scale)
 
 
 @register_layer("frozen")
 def _frozen(layers: Sequence[Layer] = ()):
     """``{frozen: [...]}``: the layers with untrained parameters."""
-    from ntkexp.layers.combinators import frozen, serial
-
     return frozen(serial(*layers))
 
 
 @register_layer("flatten")
 def _flatten():
-    from ntkexp.layers.reshape import Flatten
-
     return Flatten()
 
 
