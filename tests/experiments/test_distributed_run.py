@@ -111,9 +111,9 @@ print("ok", c.index)
 """
 
 
-def test_two_processes_exchange_through_the_key_value_store():
+def test_two_processes_exchange_through_collectives():
     """Fast twin of the run-folder test: the broadcast / send / receive / finish
-    protocol between two real processes (values over one 1 MiB piece)."""
+    protocol between two real processes (process_allgather; values over 1 MiB)."""
     addr = f"127.0.0.1:{_free_port()}"
     outs = _run_all([[sys.executable, "-c", _TWIN, addr, str(i)] for i in (0, 1)])
     assert "ok 0" in outs[0] and "ok 1" in outs[1]
@@ -128,3 +128,44 @@ def test_assignment_balances_work(n):
     load = [sum(w for w, o in zip(work, owner, strict=True) if o == p) for p in range(n)]
     assert max(load) <= max(work) + min(work)
     assert sorted(set(owner)) == list(range(n))
+
+
+_KILLED = """
+import os, signal, sys, time, jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from ntkexp.experiments import distributed as D
+c = D.current()
+D.broadcast(c, "t/todo", [1] if c.is_main else None)
+if c.is_main:
+    try:
+        D.receive(c, "t")
+    except D.PeerError as e:
+        print("error:", e)
+        sys.exit(2)
+else:
+    os.kill(os.getpid(), signal.SIGKILL)   # dies mid-run, before sending
+"""
+
+
+def test_a_killed_process_makes_the_other_exit_with_one_line():
+    """Process 1 is killed (SIGKILL) while process 0 waits for its outputs: process 0
+    exits on its own within the bound (no hang in the collective or at shutdown) with one
+    line naming the lost peer."""
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _KILLED, addr, str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(), cwd=ROOT) for i in (0, 1)]
+    try:
+        out0, _ = procs[0].communicate(timeout=90)
+        procs[1].wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[1].returncode == -9
+    assert procs[0].returncode != 0
+    # (gloo's own "[Gloo] Rank 0 is connected" log line is the runtime's, not an error)
+    lines = [ln for ln in out0.splitlines() if ln.strip() and not ln.startswith("[Gloo]")]
+    assert len(lines) == 1 and lines[0].startswith("error: lost contact with another process")

@@ -29,8 +29,11 @@ says how to launch.
 
 from __future__ import annotations
 
+import atexit
 import io as _io
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -40,6 +43,20 @@ from jax.experimental import multihost_utils
 
 _OK, _FAILED = 0, 1
 _state = {"aborted": False}  # a peer's failure is known here: join no further collective
+
+
+def _hard_exit() -> None:
+    """At exit after an aborted run: skip ``jax.distributed``'s shutdown barrier, which
+    would wait for a dead peer (registered after JAX's own handler, so it runs first)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _abort() -> None:
+    if not _state["aborted"]:
+        _state["aborted"] = True
+        atexit.register(_hard_exit)
 
 
 class Cluster(NamedTuple):
@@ -69,7 +86,7 @@ def _allgather(a: np.ndarray) -> np.ndarray:
     try:
         return np.asarray(multihost_utils.process_allgather(a))
     except Exception as e:  # noqa: BLE001 - a peer died: the collective breaks
-        _state["aborted"] = True
+        _abort()
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeerError(f"lost contact with another process ({first[:200]})") from None
 
@@ -89,7 +106,7 @@ def _exchange(cluster: Cluster, status: int, blob: bytes) -> list[bytes]:
     out = [data[p, :int(heads[p, 1])].tobytes() for p in range(cluster.count)]
     for p in range(cluster.count):
         if p != cluster.index and int(heads[p, 0]) == _FAILED:
-            _state["aborted"] = True
+            _abort()
             raise PeerError(f"process {p} failed: {out[p].decode(errors='replace')}")
     return out
 
@@ -146,7 +163,7 @@ def send_failure(cluster: Cluster, key: str, message: str) -> None:
     nothing when the failure came from a peer (it joins no further collective)."""
     if cluster.count == 1 or _state["aborted"]:
         return
-    _state["aborted"] = True
+    _abort()
     try:
         _exchange(cluster, _FAILED, message.encode())
     except PeerError:
