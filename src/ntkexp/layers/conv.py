@@ -33,8 +33,8 @@ b_{i, o}``; the contribution is the inner product of those over examples.
 
 A whole stack ``[conv, act] * depth + [global_avg_pool | flatten, dense]`` of
 stride-1 ``SAME`` convolutions with shared ``W_std``/``b_std`` is recognised
-by :func:`conv_stack_of` and computed by the fused, blocked map of
-:mod:`ntkexp.kernels.cnn` (:func:`fast_kernel`).
+by :func:`conv_stack_of` (``depth >= 0``) and computed by the fused, blocked map of
+:mod:`ntkexp.kernels.cnn`: the ``conv_stack`` rule of :mod:`ntkexp.layers.fused`.
 """
 
 from __future__ import annotations

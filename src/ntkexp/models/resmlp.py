@@ -15,8 +15,8 @@ with ``W, b ~ N(0, 1)`` (``b_std = 0``: no bias). ``depth`` counts residual
 blocks; ``depth = 0`` is exactly the one-hidden-layer MLP ``MLPSpec(depth=1)``.
 The skip path carries no parameters, so the variance grows with depth unless
 ``alpha`` shrinks (``alpha = 1/sqrt(depth)`` keeps it bounded; Huang et al.
-use ``alpha = depth^{-gamma}``). The analytic kernel is in
-:mod:`ntkexp.kernels.resmlp`.
+use ``alpha = depth^{-gamma}``). The analytic kernel is :func:`resmlp_kernel`
+(the limit of the layer composition).
 
 Parameters as a pytree: ``{"inp": {"W": (d, n), "b": (n,)}, "blocks": {b: {"l1":
 {...}, "l2": {...}}}, "out": {"W": (n, out_dim), "b": (out_dim,)}}``.
