@@ -146,12 +146,28 @@ def _batch_indices(cfg: _Config, key, step, n):
     return jax.lax.dynamic_slice(perm, (j * b,), (b,))
 
 
-def _make_body(cfg: _Config, frozen, key, x, y):
-    """One training step ``((p, s), step) -> ((p, s), loss before the step)`` for one init."""
-    part, opt = cfg.partition, cfg.optimizer
+def model_of_trained(cfg: _Config, frozen):
+    """The model as a function of the trained parameters, for the optimizer.
+
+    Every leaf trained: the apply object itself, so that its structure reaches the
+    optimizer (``ngd(ntk_method="structured")`` keeps the structured empirical NTK of
+    :mod:`ntkexp.empirical`, and ``"auto"`` picks it). With frozen leaves: a closure
+    that puts them back (its NTK is over the trained leaves only).
+    """
+    if cfg.partition.mask is None:
+        return cfg.apply_fn
+    part = cfg.partition
 
     def f_tr(p, xx):
         return cfg.apply_fn(part.combine(p, frozen), xx)
+
+    return f_tr
+
+
+def _make_body(cfg: _Config, frozen, key, x, y):
+    """One training step ``((p, s), step) -> ((p, s), loss before the step)`` for one init."""
+    opt = cfg.optimizer
+    f_tr = model_of_trained(cfg, frozen)
 
     n = x.shape[0]
 
