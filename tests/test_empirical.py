@@ -15,7 +15,8 @@ from ntkexp.empirical import (
     monte_carlo_kernel,
     structured_flops,
 )
-from ntkexp.kernels import Kernel, analytic_kernel
+from ntkexp.kernels import Kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPApply, MLPSpec, functional, init_params
 
 METHODS = ("structured", "jvp", "jacobian", "auto")

@@ -236,6 +236,21 @@ def _mnist1d(cfg, key, dtype) -> Dataset:
                    jnp.asarray(d["x_test"][:m], dtype), onehot(d["y_test"][:m]))
 
 
+def _npz_array(a, k: str, path: str, dtype):
+    """Array ``k`` of the file as a 2-d finite ``(n, features)`` array; clear DataError."""
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"data.path: {k} in {path!r} is not numeric ({a.dtype})")
+    if k.startswith("y") and a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise DataError(f"data.path: {k} in {path!r} must be 2-d (n, features), got shape "
+                        f"{a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise DataError(f"data.path: {k} in {path!r} contains NaN or inf")
+    return jnp.asarray(a, dtype)
+
+
 @register_dataset("npz")
 def _npz(cfg, key, dtype) -> Dataset:
     path = cfg.path
@@ -254,19 +269,7 @@ def _npz(cfg, key, dtype) -> Dataset:
     if missing:
         raise DataError(f"data.path: {path!r} lacks array(s) {', '.join(missing)}; it has "
                         f"{', '.join(sorted(arrays)) or 'none'}")
-    out = []
-    for k in names:
-        a = np.asarray(arrays[k])
-        if not np.issubdtype(a.dtype, np.number):
-            raise DataError(f"data.path: {k} in {path!r} is not numeric ({a.dtype})")
-        if k.startswith("y") and a.ndim == 1:
-            a = a[:, None]
-        if a.ndim != 2:
-            raise DataError(f"data.path: {k} in {path!r} must be 2-d (n, features), got shape "
-                            f"{a.shape}")
-        if not np.all(np.isfinite(a)):
-            raise DataError(f"data.path: {k} in {path!r} contains NaN or inf")
-        out.append(jnp.asarray(a, dtype))
+    out = [_npz_array(arrays[k], k, path, dtype) for k in names]
     xtr, ytr, xte, yte = out
     if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
         raise DataError(f"data.path: {path!r} has mismatched numbers of inputs and targets "

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ntkexp.empirical import empirical_ntk
 from ntkexp.registry import Registry
 
 Array = jax.Array
@@ -283,8 +284,6 @@ def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=DEFAULT_DAMP
 
 def _dual_coefficients(apply_fn, params, x, residual, *, damping, method, probs):
     """:func:`ngd_dual_coefficients` and the jitter it added (a 0-d array, 0 if none)."""
-    from ntkexp.empirical import empirical_ntk
-
     out = jax.eval_shape(lambda p: apply_fn(p, x), params)
     n, k = out.shape[0], (out.shape[1] if len(out.shape) > 1 else 1)
     r = jnp.asarray(residual).reshape(n, k)

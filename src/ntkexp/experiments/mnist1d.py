@@ -230,7 +230,8 @@ def compute_unit(cfg, data, member, progress):
 
 def limit_kernels(cfg, arch: str, x, x_test, *, quiet: bool = True):
     """``(train Kernel (n, n), test Kernel (m, n))`` of ``arch`` in tiles."""
-    from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+    from ntkexp.kernels.tiling import tiled_kernel
+    from ntkexp.tiles import analytic_tiles
 
     fn = analytic_tiles(arch_spec(cfg, arch, 1), arch)
     kc = cfg.kernels
