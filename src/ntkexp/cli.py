@@ -180,7 +180,7 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from ntkexp.plotting import plot_run
+    from ntkexp.experiments import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)

@@ -359,6 +359,7 @@ def _opt_builder(factory):
             raise
 
     build.__doc__ = factory.__doc__
+    build.factory = factory  # its signature names the options (config checks them)
     return build
 
 

@@ -48,10 +48,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
-from ntkexp import io
+from ntkexp import config, io
 from ntkexp.experiments import distributed, provenance, streams
-from ntkexp.registry import Registry
+from ntkexp.registry import Registry, RegistryError
 
 
 class UserError(ValueError):
@@ -121,11 +122,32 @@ class Experiment:
     per_init: bool = False
 
 
-EXPERIMENTS: Registry[Experiment] = Registry("experiment")
+class _ExperimentRegistry(Registry):
+    """The experiment registry; it keeps the config loader's schema registry
+    (:data:`ntkexp.config.SECTION_SCHEMAS`) in step, so config knows no experiment."""
+
+    def register(self, name, obj=None, *, overwrite=False):
+        def _add(o):
+            self._base_register(name, o, overwrite=overwrite)
+            config.register_section_schema(name, o.params, o.check)
+            return o
+
+        return _add if obj is None else _add(obj)
+
+    def _base_register(self, name, obj, *, overwrite):
+        return super().register(name, obj, overwrite=overwrite)
+
+    def unregister(self, name):
+        super().unregister(name)
+        config.SECTION_SCHEMAS.unregister(name)
+
+
+EXPERIMENTS: Registry[Experiment] = _ExperimentRegistry("experiment")
 
 
 def register_experiment(exp: Experiment, *, overwrite: bool = False) -> Experiment:
-    """Register ``exp`` under ``exp.name`` (plugins call this from their own module)."""
+    """Register ``exp`` under ``exp.name`` (plugins call this from their own module);
+    its ``params`` schema and ``check`` go to the config loader."""
     return EXPERIMENTS.register(exp.name, exp, overwrite=overwrite)
 
 
@@ -585,8 +607,6 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0
 
 def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0, cluster,
               after_chunk, key) -> RunResult:
-    from ntkexp.plotting import plot_run
-
     main = cluster.is_main
     code = provenance.code_fingerprint(tuple(cfg.plugins))
     units = make_units(cfg)
@@ -695,3 +715,40 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
     io.write_json(os.path.join(workdir, "meta.json"), meta)
     distributed.finish(cluster, key)
     return RunResult(workdir, tuple(figures), main_fig, summary, n_todo, len(paths) - n_todo)
+
+
+def plot_run(run_dir: str, *, require_complete: bool = True) -> list[str]:
+    """Redraw every figure of the run in ``run_dir`` from its saved files.
+
+    Args:
+      run_dir: a folder written by ``ntkexp run``.
+      require_complete: also require ``meta.json`` (written last by a finished run).
+
+    Returns:
+      The paths of the figure files written under ``run_dir/figures``.
+
+    Raises:
+      UserError: the folder is missing or holds no finished run.
+    """
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such run folder")
+    need = ["config.yaml", "results.npz", "summary.json"]
+    if require_complete:
+        need.append("meta.json")
+    missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
+    if missing:
+        raise UserError(f"{run_dir}: not a finished run (missing {', '.join(missing)}); "
+                        "run `ntkexp run` again to complete it")
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        summary = io.read_json(os.path.join(run_dir, "summary.json"))
+        results = io.read_npz(os.path.join(run_dir, "results.npz"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing problem
+        raise UserError(f"{run_dir}: cannot read the saved results ({e})") from None
+    config.import_plugins(cfg.get("plugins") or [], os.path.join(run_dir, "config.yaml"))
+    try:
+        exp = EXPERIMENTS.get(cfg["experiment"])
+    except RegistryError as e:
+        raise UserError(f"{run_dir}: {e}") from None
+    return list(exp.plot(results, summary, cfg, os.path.join(run_dir, "figures")))
