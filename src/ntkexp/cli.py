@@ -170,12 +170,21 @@ def _tidy_failed_run(out: str, existed: bool) -> int:
 
 
 def _cmd_validate(args) -> int:
+    import jax
+
     from ntkexp import config as C
+    from ntkexp.experiments import EXPERIMENTS, checks
 
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
+    if cfg.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    found = checks.preflight(cfg, EXPERIMENTS.get(cfg.experiment))
     units = len(cfg.model.widths) * len(cfg.train.learning_rates) * cfg.train.inits
+    for line in found.notes:
+        print(line)
     print(f"{args.config}: ok (experiment {cfg.experiment}, widths "
-          f"{list(cfg.model.widths)}, {cfg.train.inits} init(s), {units} unit(s))")
+          f"{list(cfg.model.widths)}, {cfg.train.inits} init(s), {units} unit(s); data, "
+          "models, kernels and device checked)")
     return 0
 
 

@@ -42,7 +42,7 @@ from typing import Any, Literal, NamedTuple, Union
 import yaml
 
 from ntkexp.activations import ACTIVATIONS
-from ntkexp.data import DATASETS, TARGETS
+from ntkexp.data import DATASETS, TARGETS, default_dim
 from ntkexp.kernels.tiling import parse_bytes
 from ntkexp.layers.registry import LayerSpecError
 from ntkexp.models import ARCHITECTURES
@@ -474,19 +474,26 @@ class DataConfig:
 
     ``seed`` None means "derive from the top-level seed". ``angles`` (radians)
     places points on the unit circle for the ``circle`` dataset. ``path`` is the
-    ``.npz`` file of the ``npz`` dataset.
+    ``.npz`` file of the ``npz`` dataset; a relative path is read from the
+    config file's folder (:func:`resolve` makes it absolute). ``dim`` left out
+    follows the data set (:func:`ntkexp.data.default_dim`: digits 64, mnist1d
+    40, an ``npz`` file's feature count, else 2).
     """
 
     name: str = "gaussian"
     n_train: int = dataclasses.field(default=100, metadata={"min": 1})
     n_test: int = dataclasses.field(default=0, metadata={"min": 0})
-    dim: int = dataclasses.field(default=2, metadata={"min": 1})
+    dim: int | None = dataclasses.field(default=None, metadata={"min": 1})
     target: str = "product"
     noise: float = dataclasses.field(default=0.0, metadata={"min": 0})
     seed: int | None = None
     angles: tuple[float, ...] | None = None
     path: str | None = None
     classes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.dim is None:
+            object.__setattr__(self, "dim", default_dim(self.name, self.path))
 
     def check(self):
         for key, reg, name in (("name", DATASETS, self.name), ("target", TARGETS, self.target)):
@@ -791,6 +798,14 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     except RegistryError as e:
         raise ConfigError(f"{_where(source, 'experiment')}: {e}") from None
 
+    dsec = data.get("data")
+    if isinstance(dsec, dict) and isinstance(dsec.get("path"), str) and dsec["path"] \
+            and not os.path.isabs(os.path.expanduser(dsec["path"])):
+        # a relative data file is read from the config's own folder, not the working one
+        base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+        dsec["path"] = os.path.normpath(os.path.join(base, dsec["path"]))
+    elif isinstance(dsec, dict) and isinstance(dsec.get("path"), str):
+        dsec["path"] = os.path.expanduser(dsec["path"])
     sections = {}
     sections["model"] = model_from_dict(data.get("model"), path="model", source=source)
     for key, cls in (("data", DataConfig), ("train", TrainConfig), ("params", exp.params)):

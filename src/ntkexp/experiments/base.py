@@ -51,7 +51,7 @@ import numpy as np
 import yaml
 
 from ntkexp import config, io
-from ntkexp.experiments import distributed, provenance, streams
+from ntkexp.experiments import checks, distributed, provenance, streams
 from ntkexp.registry import Registry, RegistryError
 
 
@@ -108,6 +108,9 @@ class Experiment:
       main_figure: file stem of the figure printed at the end of a run.
       per_init: ``compute_unit`` takes one initialisation at a time (the
         older interface; no ensemble speed-up).
+      readout_from_targets: the experiment sizes the network's output itself
+        from the targets (one output per class), so the check pass does not
+        compare the config's ``model.out_dim`` with the target columns.
     """
 
     name: str
@@ -120,6 +123,7 @@ class Experiment:
     check: Callable[[Any], None] | None = None
     main_figure: str = "figure"
     per_init: bool = False
+    readout_from_targets: bool = False
 
 
 class _ExperimentRegistry(Registry):
@@ -536,17 +540,14 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
         run folder this call created, with no finished unit in it, is removed),
         so no half-made run folder is left.
     """
-    from ntkexp.data import DataError, load_dataset
-
     t0 = time.time()
     exp = EXPERIMENTS.get(cfg.experiment)
+    checks.check_device(cfg)
     dtype, device = setup_runtime(cfg)
     src = f"{cfg.source}: " if cfg.source else ""
     with jax.default_device(device):
-        try:
-            data = load_dataset(cfg.data, data_key(cfg), dtype)
-        except DataError as e:
-            raise UserError(f"{src}{e}") from None
+        # every check before any work (the same pass as `ntkexp validate`)
+        data = checks.preflight(cfg, exp, dtype).data
         check_architecture(cfg, data, dtype)
 
     cluster = distributed.current()
