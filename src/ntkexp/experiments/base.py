@@ -437,69 +437,9 @@ def chunk_inits(inits: tuple[int, ...], nbytes: int, budget: int | None = None
     return [inits[i:i + size] for i in range(0, len(inits), size)]
 
 
-def _owner(obj) -> str:
-    """The module that defined ``obj`` (to name a plugin in an error)."""
-    mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
-    return str(mod) if mod else "an unknown module"
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-def check_architecture(cfg, data, dtype) -> None:
-    """Check that a plug-in architecture's builder gives a usable network.
-
-    Built-in architectures (defined under ``ntkexp.``) are trusted. For a plug-in
-    one, build the network at the smallest width and evaluate (abstractly, with
-    ``jax.eval_shape``: nothing is compiled) ``apply_fn`` on two training inputs;
-    it must return ``(apply_fn, params)`` with floating-point parameter leaves
-    and an output of shape ``(2, out_dim)`` (the spec's ``out_dim``, else the
-    number of target columns).
-
-    Raises:
-      UserError: one line naming the architecture and the plug-in module.
-    """
-    from ntkexp.models import ARCHITECTURES
-
-    arch = ARCHITECTURES.get(cfg.model.arch)
-    owner = _owner(arch.build)
-    if owner == "ntkexp" or owner.startswith("ntkexp."):
-        return
-    who = f"architecture {arch.name!r} of plugin {owner!r}"
-    width = min(cfg.model.widths)
-    x = data.x_train[:2]
-    try:
-        built = arch.build(cfg.model.spec(width), data.x_train.shape[1], init_key(cfg, 0),
-                           dtype)
-    except Exception as e:  # noqa: BLE001 - any failure of user code is one line
-        raise UserError(f"{who}: its builder failed at width {width}: {_first_line(e)}") \
-            from None
-    if not (isinstance(built, tuple) and len(built) == 2 and callable(built[0])):
-        raise UserError(f"{who}: its builder must return (apply_fn, params), got "
-                        f"{type(built).__name__}")
-    apply_fn, params = built
-    leaves = jax.tree_util.tree_leaves(params)
-    bad = [leaf for leaf in leaves
-           if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.inexact)]
-    if not leaves or bad:
-        raise UserError(f"{who}: params must be a pytree of floating-point arrays, got "
-                        f"{'no leaves' if not leaves else type(bad[0]).__name__}")
-    try:
-        out = jax.eval_shape(apply_fn, params, x)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{who}: apply_fn(params, x) fails on inputs of shape "
-                        f"{tuple(x.shape)}: {_first_line(e)}") from None
-    # the spec's out_dim, else the number of target columns
-    want = getattr(cfg.model.spec(width), "out_dim", None) or data.y_train.shape[1]
-    shape = getattr(out, "shape", None)
-    if (not isinstance(out, jax.ShapeDtypeStruct) or len(shape) != 2
-            or shape[0] != x.shape[0] or shape[1] != want):
-        expected = f"({x.shape[0]}, {want})"
-        got = tuple(shape) if shape is not None else type(out).__name__
-        raise UserError(f"{who}: apply_fn(params, x) must return shape {expected} for "
-                        f"inputs of shape {tuple(x.shape)}, got {got}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -548,7 +488,6 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
     with jax.default_device(device):
         # every check before any work (the same pass as `ntkexp validate`)
         data = checks.preflight(cfg, exp, dtype).data
-        check_architecture(cfg, data, dtype)
 
     cluster = distributed.current()
     created = not os.path.exists(workdir)

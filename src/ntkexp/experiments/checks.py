@@ -69,6 +69,10 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _typed(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_one_line(e)}"
+
+
 def check_device(cfg) -> None:
     """``device: cpu|gpu`` must be a backend JAX sees (``auto`` always is)."""
     if cfg.device == "auto":
@@ -200,10 +204,69 @@ def _check_layers(cfg, spec: LayersSpec, x, where) -> None:
         raise ConfigError(f"{where(f'model.layers[{at[0]}]')}: {_one_line(e)}") from None
 
 
+def _owner(obj) -> str:
+    """The module that defined ``obj`` (to name a plugin in an error)."""
+    mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
+    return str(mod) if mod else "an unknown module"
+
+
+def check_architecture(cfg, data, dtype) -> None:
+    """Check that a plug-in architecture's builder gives a usable network.
+
+    Built-in architectures (defined under ``ntkexp.``) are trusted. For a plug-in
+    one, build the network at the smallest width and evaluate (abstractly, with
+    ``jax.eval_shape``: nothing is compiled) ``apply_fn`` on two training inputs;
+    it must return ``(apply_fn, params)`` with floating-point parameter leaves
+    and an output of shape ``(2, out_dim)`` (the spec's ``out_dim``, else the
+    number of target columns).
+
+    Raises:
+      ConfigError: one line naming the architecture and the plug-in module.
+    """
+    arch = ARCHITECTURES.get(cfg.model.arch)
+    owner = _owner(arch.build)
+    if owner == "ntkexp" or owner.startswith("ntkexp."):
+        return
+    who = f"{_at(cfg, 'model.arch')}: architecture {arch.name!r} of plugin {owner!r}"
+    width = min(cfg.model.widths)
+    x = data.x_train[:2]
+    try:
+        built = arch.build(cfg.model.spec(width), data.x_train.shape[1], streams.init_key(cfg, 0),
+                           dtype)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is one line
+        raise ConfigError(f"{who}: its builder failed at width {width}: {_typed(e)}") \
+            from None
+    if not (isinstance(built, tuple) and len(built) == 2 and callable(built[0])):
+        raise ConfigError(f"{who}: its builder must return (apply_fn, params), got "
+                        f"{type(built).__name__}")
+    apply_fn, params = built
+    leaves = jax.tree_util.tree_leaves(params)
+    bad = [leaf for leaf in leaves
+           if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not leaves or bad:
+        raise ConfigError(f"{who}: params must be a pytree of floating-point arrays, got "
+                        f"{'no leaves' if not leaves else type(bad[0]).__name__}")
+    try:
+        out = jax.eval_shape(apply_fn, params, x)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{who}: apply_fn(params, x) fails on inputs of shape "
+                        f"{tuple(x.shape)}: {_typed(e)}") from None
+    # the spec's out_dim, else the number of target columns
+    want = getattr(cfg.model.spec(width), "out_dim", None) or data.y_train.shape[1]
+    shape = getattr(out, "shape", None)
+    if (not isinstance(out, jax.ShapeDtypeStruct) or len(shape) != 2
+            or shape[0] != x.shape[0] or shape[1] != want):
+        expected = f"({x.shape[0]}, {want})"
+        got = tuple(shape) if shape is not None else type(out).__name__
+        raise ConfigError(f"{who}: apply_fn(params, x) must return shape {expected} for "
+                        f"inputs of shape {tuple(x.shape)}, got {got}")
+
+
 def check_models(cfg, data, dtype, *, output_size: bool = True) -> None:
     """Every model of the sweep: spec, abstract build and forward pass, output size
     (unless ``output_size`` is False: the experiment sizes the readout itself),
     kernel state (see the module docstring)."""
+    check_architecture(cfg, data, dtype)
     arch = ARCHITECTURES.get(cfg.model.arch)
     x = jax.ShapeDtypeStruct((2,) + tuple(data.x_train.shape[1:]), dtype)
     targets = int(data.y_train.shape[1])
@@ -295,5 +358,5 @@ def preflight(cfg, experiment, dtype=None) -> Checked:
     return Checked(data, notes(cfg))
 
 
-__all__ = ["Checked", "check_activation", "check_data", "check_device", "check_models",
-           "notes", "preflight"]
+__all__ = ["Checked", "check_activation", "check_architecture", "check_data", "check_device",
+           "check_models", "notes", "preflight"]
