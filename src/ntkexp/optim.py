@@ -292,7 +292,7 @@ def _dual_coefficients(apply_fn, params, x, residual, *, damping, method, probs)
         G = empirical_ntk(apply_fn, params, x, method=method)
         G = G.reshape(n, n)
     else:
-        G4 = empirical_ntk(apply_fn, params, x, method=method, trace_outputs=False)  # (n, n, k, k)
+        G4 = empirical_ntk(apply_fn, params, x, method=method, outputs="full")  # (n, n, k, k)
         G = jnp.transpose(G4, (0, 2, 1, 3)).reshape(n * k, n * k)
     G = 0.5 * (G + G.T)
     rhs = r.reshape(n * k).astype(G.dtype)

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 import ntkexp.models  # noqa: F401  (registers the built-in architectures)
-from ntkexp.empirical import empirical_ntk
+from ntkexp.empirical import empirical_ntk, require_finite_inputs
 from ntkexp.members import member as take_member
 from ntkexp.members import stack as stack_members
 
@@ -638,6 +638,7 @@ def train(
       ValueError / TypeError: bad arguments (one readable sentence).
       DivergenceError: the loss became NaN or infinite (names step and value).
     """
+    require_finite_inputs(x, y, probe_x)  # NaN inputs: said so, not a "divergence"
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if loss not in LOSSES:

@@ -464,7 +464,9 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
     Args:
       cfg: a :class:`ntkexp.config.RunConfig`.
       workdir: the run folder (created; finished units in it are reused).
-      force: recompute every unit even if a cached one exists.
+      force: recompute every unit even if a cached one exists, and run into a
+        folder that holds another config's results
+        (:func:`ntkexp.experiments.checks.check_run_folder`).
       quiet: no progress bar.
       after_chunk: called with the :class:`Unit` of each computed chunk after
         its files are written (a hook for tests and drivers; may raise to stop).
@@ -490,6 +492,7 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
         data = checks.preflight(cfg, exp, dtype).data
 
     cluster = distributed.current()
+    checks.check_run_folder(cfg, workdir, force)
     created = not os.path.exists(workdir)
     written: list[str] = []
     try:
@@ -559,6 +562,9 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(workdir, stale))
             _remove_temporaries(workdir)
+            # which config this folder's units belong to, from the start (a rerun of
+            # another config is refused unless --force: checks.check_run_folder)
+            io.write_yaml(os.path.join(workdir, "config.yaml"), cfg.to_dict())
         # process 0 reads the cache and tells the others what is left
         outs: dict[tuple[int, int, int], Any] = {}
         todo_keys = None

@@ -31,12 +31,14 @@ config file and the key path; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from ntkexp.activations import ACTIVATIONS, get_activation
 from ntkexp.config import ConfigError
@@ -325,6 +327,60 @@ def check_models(cfg, data, dtype, *, output_size: bool = True) -> None:
                                   f"{_one_line(e)}") from None
 
 
+#: Keys a rerun into the same folder may change: the sweep lists and inits (the
+#: units of the rest are reused), and settings that never change a unit.
+_RERUN_FREE = (("model", "width"), ("train", "inits"), ("train", "learning_rate"),
+               ("device",), ("description",), ("distributed",), ("kernels",))
+
+
+def _comparable(d: Mapping) -> dict:
+    d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    for path in _RERUN_FREE:
+        node = d
+        for p in path[:-1]:
+            node = node.get(p) if isinstance(node.get(p), dict) else {}
+        node.pop(path[-1], None)
+    params = d.get("params")
+    if isinstance(params, dict):  # the limit's own settings never change a unit
+        d["params"] = {k: v for k, v in params.items() if k != "limit" and not k.startswith("mc_")}
+    return d
+
+
+def check_run_folder(cfg, workdir: str, force: bool) -> None:
+    """A run folder holding another config's results is an error unless ``force``.
+
+    "Another config" is one whose units would not be reused: its resolved
+    ``config.yaml`` differs from ``cfg`` in more than the swept widths and
+    learning rates, the number of inits, the device, description,
+    ``distributed``, ``kernels`` and the limit's ``params`` (``limit``, ``mc_*``).
+    """
+    path = os.path.join(workdir, "config.yaml")
+    if force or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            old = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return  # unreadable: the run rewrites it
+    if not isinstance(old, Mapping):
+        return
+    new = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    a, b = _comparable(old), _comparable(new)
+    if a == b:
+        return
+    keys = sorted({k for k in set(a) | set(b) if a.get(k) != b.get(k)})
+    detail = []
+    for k in keys:
+        if isinstance(a.get(k), Mapping) and isinstance(b.get(k), Mapping):
+            sub = sorted({s for s in set(a[k]) | set(b[k]) if a[k].get(s) != b[k].get(s)})
+            detail += [f"{k}.{s}" for s in sub]
+        else:
+            detail.append(k)
+    raise ConfigError(f"--out {workdir}: the folder holds the results of another config "
+                      f"(it differs in {', '.join(detail[:4])}{', ...' if len(detail) > 4 else ''}"
+                      "); pick another --out, or pass --force to replace them")
+
+
 def notes(cfg) -> tuple[str, ...]:
     """Lines worth saying about a valid config (what an optimizer name means here)."""
     out = []
@@ -359,4 +415,4 @@ def preflight(cfg, experiment, dtype=None) -> Checked:
 
 
 __all__ = ["Checked", "check_activation", "check_architecture", "check_data", "check_device",
-           "check_models", "notes", "preflight"]
+           "check_models", "check_run_folder", "notes", "preflight"]
