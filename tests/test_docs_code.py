@@ -23,7 +23,8 @@ test process) runs the page's blocks in order, in a temporary folder that is on
   the test's output.
 
 Blocks without a language are sample output (error lines, folder listings) and
-are not run.
+are not run. ``docs/extending.md`` (about 20 s) runs in the fast suite, the other
+pages in ``make test-slow``.
 """
 
 import json
@@ -148,7 +149,14 @@ print("ok")
 '''
 
 
-@pytest.mark.parametrize("page", DOCS, ids=[os.path.basename(p) for p in DOCS])
+#: Pages whose run takes longer (a tiled kernel, paper presets validated): make test-slow.
+SLOW_PAGES = {"kernels_at_scale.md", "distributed.md", "gpu.md"}
+PAGES = [pytest.param(p, id=os.path.basename(p),
+                      marks=[pytest.mark.slow] if os.path.basename(p) in SLOW_PAGES else [])
+         for p in DOCS]
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_every_code_block_of_the_page_runs(page, tmp_path):
     code = [(lang, text) for lang, text in blocks(page) if lang]
     if not code:
