@@ -291,7 +291,7 @@ def _dual_coefficients(apply_fn, params, x, residual, *, damping, method, probs)
         G = empirical_ntk(apply_fn, params, x, method=method)
         G = G.reshape(n, n)
     else:
-        G4 = empirical_ntk(apply_fn, params, x, method=method, trace_outputs=False)  # (n, n, k, k)
+        G4 = empirical_ntk(apply_fn, params, x, method=method, outputs="full")  # (n, n, k, k)
         G = jnp.transpose(G4, (0, 2, 1, 3)).reshape(n * k, n * k)
     G = 0.5 * (G + G.T)
     rhs = r.reshape(n * k).astype(G.dtype)
@@ -358,6 +358,7 @@ def _opt_builder(factory):
             raise
 
     build.__doc__ = factory.__doc__
+    build.factory = factory  # its signature names the options (config checks them)
     return build
 
 

@@ -35,9 +35,10 @@ from ntkexp.experiments.base import (
     RunResult,
     Unit,
     UserError,
+    plot_run,
     register_experiment,
     run,
 )
 
 __all__ = ["EXPERIMENTS", "Experiment", "Member", "RunResult", "Unit", "UserError",
-           "register_experiment", "run"]
+           "plot_run", "register_experiment", "run"]

@@ -667,7 +667,7 @@ EXPERIMENT = register_experiment(Experiment(
     summarize=summarize, plot=plot,
     unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg))
     * len(cfg.params.architectures),
-    check=check, main_figure=NAME, per_init=True))
+    check=check, main_figure=NAME, per_init=True, readout_from_targets=True))
 
 __all__ = ["NAME", "PUBLISHED", "arch_spec", "compute_unit", "limit_kernels", "reference",
            "train_variant"]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ntkexp.empirical import require_finite_inputs
 from ntkexp.training.layouts import ENSEMBLE_MODES
 from ntkexp.training.step import LOSS_REDUCTIONS, LOSSES
 
@@ -193,6 +194,7 @@ def prepare(apply_fn, params, x, y, *, optimizer, steps, loss_reduction, loss, b
             targets_per_member) -> Inputs:
     """Check every argument of ``train`` (ValueError / TypeError, one sentence each)."""
     _check_options(optimizer, loss_reduction, loss, ensemble_mode)
+    require_finite_inputs(x, y, probe_x)  # NaN inputs: said so, not a "divergence"
     x, y, y_members, labels = _check_data(x, y, loss, ensemble, targets_per_member)
     n = x.shape[0]
     K, one_params, member_bytes = _members(params, ensemble)
