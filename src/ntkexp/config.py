@@ -545,7 +545,7 @@ def _check_optimizer_options(build, name: str, options: Mapping, learning_rate: 
         params = {}
     named = [n for n, p in params.items()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and n not in ("learning_rate", "lr")]
+             and n not in ("learning_rate", "lr", "apply_fn")]  # apply_fn: train passes it
     open_kw = not params or any(p.kind == p.VAR_KEYWORD for p in params.values())
     for key in options:
         if key in ("learning_rate", "lr"):
