@@ -787,6 +787,10 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     import_plugins(plugins, source)
 
     schemas = SECTION_SCHEMAS if schemas is None else schemas
+    if not len(schemas):
+        raise ConfigError(f"{_where(source, 'experiment')}: no experiment kinds are "
+                          "registered; import ntkexp.experiments (it registers the built-in "
+                          "ones) before loading a config, or pass schemas=")
     if "experiment" not in data:
         raise ConfigError(f"{_where(source, 'experiment')}: missing required key (one of: "
                           f"{', '.join(schemas.names())})")
