@@ -20,7 +20,12 @@ and an unfinished run keeps no ``summary.json`` (headline numbers exist only
 beside the ``meta.json`` that marks a run complete). ``NTKEXP_TRACEBACK=1``
 re-raises instead, for debugging (docs/conventions.md, "Errors").
 
-``run`` ends by printing the run folder and the main figure (and, when an
+``validate`` and ``run`` make the same check pass before any work
+(:mod:`ntkexp.experiments.checks`; the list is in docs/conventions.md, "What
+validate checks"); ``run`` also refuses a run folder holding another config's
+results unless ``--force``. ``list --config FILE`` imports FILE's plug-ins and
+says which names they add. ``run`` prints how many units it computed and reused,
+then the run folder and the main figure (and, when an
 experiment used a Monte Carlo estimate of the infinite-width limit because the
 architecture registers no analytic kernel, a ``limit: ...`` line saying so). The
 default run folder is

@@ -548,7 +548,7 @@ def _check_optimizer_options(build, name: str, options: Mapping, learning_rate: 
         params = {}
     named = [n for n, p in params.items()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and n not in ("learning_rate", "lr")]
+             and n not in ("learning_rate", "lr", "apply_fn")]  # apply_fn: train passes it
     open_kw = not params or any(p.kind == p.VAR_KEYWORD for p in params.values())
     for key in options:
         if key in ("learning_rate", "lr"):
@@ -790,6 +790,10 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     import_plugins(plugins, source)
 
     schemas = SECTION_SCHEMAS if schemas is None else schemas
+    if not len(schemas):
+        raise ConfigError(f"{_where(source, 'experiment')}: no experiment kinds are "
+                          "registered; import ntkexp.experiments (it registers the built-in "
+                          "ones) before loading a config, or pass schemas=")
     if "experiment" not in data:
         raise ConfigError(f"{_where(source, 'experiment')}: missing required key (one of: "
                           f"{', '.join(schemas.names())})")

@@ -19,7 +19,7 @@ data and the models, without training or writing anything:
    kernel map is traced abstractly, layer by layer for ``arch: layers``, so an
    activation on a non-Gaussian state (relu after relu, relu before layer_norm,
    a residual branch starting with an activation after an activation) names
-   its ``model.layers[i]``;
+   its ``model.layers[i]`` (skipped with ``params.limit: monte_carlo``);
 5. **activations** (the model's and every activation entry of a layer list):
    on floating inputs they give finite floating outputs, and their derivative
    is not zero everywhere (the NTK is built from ``phi'``: a step function has
@@ -190,6 +190,8 @@ def _check_layers(cfg, spec: LayersSpec, x, where) -> None:
         raise ConfigError(f"{where('model.layers')}: the network's output must be flat "
                           f"(n, out_dim), got per-example shape {shape}; end with flatten or "
                           "global_avg_pool and a dense readout")
+    if not _needs_analytic(cfg):
+        return
     at = [0]
 
     def kernel_walk(x1):
@@ -264,6 +266,12 @@ def check_architecture(cfg, data, dtype) -> None:
                         f"inputs of shape {tuple(x.shape)}, got {got}")
 
 
+def _needs_analytic(cfg) -> bool:
+    """False when the config asks for the Monte Carlo limit (``params.limit:
+    monte_carlo``): the analytic kernel map is then never evaluated."""
+    return getattr(cfg.params, "limit", None) != "monte_carlo"
+
+
 def check_models(cfg, data, dtype, *, output_size: bool = True) -> None:
     """Every model of the sweep: spec, abstract build and forward pass, output size
     (unless ``output_size`` is False: the experiment sizes the readout itself),
@@ -318,7 +326,7 @@ def check_models(cfg, data, dtype, *, output_size: bool = True) -> None:
             raise ConfigError(f"{where(key)}: the network gives {shape[1]} output(s) but the "
                               f"targets of data set {cfg.data.name!r} have {targets} "
                               f"column(s){readout}")
-        if arch.analytic is not None and w == cfg.model.widths[0]:
+        if arch.analytic is not None and w == cfg.model.widths[0] and _needs_analytic(cfg):
             try:
                 jax.eval_shape(lambda a, spec=spec: arch.analytic(spec, a), x)
             except Exception as e:  # noqa: BLE001
