@@ -16,7 +16,9 @@ issue 21). A plugin module registers more with
 from ntkexp.experiments import (  # noqa: F401  (registration)
     arora2019,
     bietti2019,
+    double_descent,
     du2019,
+    finite_width_corrections,
     jacot_fig1,
     jacot_fig2,
     kernel_convergence,
@@ -33,9 +35,10 @@ from ntkexp.experiments.base import (
     RunResult,
     Unit,
     UserError,
+    plot_run,
     register_experiment,
     run,
 )
 
 __all__ = ["EXPERIMENTS", "Experiment", "Member", "RunResult", "Unit", "UserError",
-           "register_experiment", "run"]
+           "plot_run", "register_experiment", "run"]

@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.layers.activation import Activation
+from ntkexp.layers.combinators import serial
+from ntkexp.layers.dense import Dense as DenseLayer
 from ntkexp.models import parameterization as P
 from ntkexp.models.validation import (
     SpecActivationMixin,
@@ -425,15 +428,12 @@ def mlp_layers(spec: MLPSpec):
         (the layer compositions carry kernel maps).
     """
     P.require_kernel_limit(spec.parameterization)
-    from ntkexp.layers.activation import Activation
-    from ntkexp.layers.combinators import serial
-    from ntkexp.layers.dense import Dense
-
     kw = dict(W_std=spec.W_std, b_std=spec.b_std, parameterization=spec.parameterization)
     ls = []
     for _ in range(spec.depth):
-        ls += [Dense(spec.width, **kw), Activation(spec.activation, spec.activation_params)]
-    ls.append(Dense(spec.out_dim, readout=True, **kw))
+        ls += [DenseLayer(spec.width, **kw),
+               Activation(spec.activation, spec.activation_params)]
+    ls.append(DenseLayer(spec.out_dim, readout=True, **kw))
     return serial(*ls)
 
 
