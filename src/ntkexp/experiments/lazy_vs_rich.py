@@ -190,7 +190,8 @@ def summarize(cfg, results):
         best = [_best_lr(lrs, mean_loss[wi]) for wi in range(len(widths))]
         rec = {"learning_rates": [float(v) for v in lrs], "best_lr": best,
                "final_loss": [[float(v) for v in r] for r in mean_loss],
-               "test_error": [[float(v) for v in r] for r in np.nanmean(te, 1)]
+               "test_error": [[float(v) for v in r]
+                              for r in np.where(np.isfinite(te).all(1), te.mean(1), np.nan)]
                if np.isfinite(te).any() else None}
         for key in ("kernel_movement", "weight_movement", "feature_movement"):
             v = np.asarray(results[key][:, 0, :, pi], np.float64)          # (W, K)
