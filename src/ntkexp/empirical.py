@@ -495,6 +495,39 @@ def require_finite_inputs(x, y, probe_x=None) -> None:
             require_finite(a, name, who="train")
 
 
+def _auto_method(apply_fn, params, x1, n1: int, n2: int, o: int, *, full: bool,
+                 sym: bool) -> str:
+    """``method="auto"``: the structured map where the model has one, else the
+    cheaper of jvp / jacobian by :func:`generic_costs`."""
+    if has_structure(apply_fn):
+        return "structured"
+    F = forward_flops(apply_fn, params, x1.shape[1:], x1.dtype)
+    costs = generic_costs(F, _nparams(params), n1, n2, o, full=full, sym=sym)
+    return min(costs, key=costs.get)
+
+
+def _tiles(method: str, params, n1: int, n2: int, o: int, *, block_size: int | None,
+           sym: bool) -> tuple[int, int, int]:
+    """Tile sizes ``(m1, m2, chunk)`` of :func:`empirical_ntk` for ``method``."""
+    if method == "structured":
+        if block_size is not None:
+            return min(block_size, n1), min(block_size, n2), 1
+        if sym and n1 > _STRUCT_TILE:
+            k = -(-n1 // _STRUCT_TILE)
+            return -(-n1 // k), -(-n1 // k), 1
+        return n1, n2, 1
+    row_bytes = max(1, o * _nparams(params) * _itemsize(params))
+    default = max(1, _JAC_BUDGET // row_bytes)
+    if method == "jacobian":
+        m = block_size or default
+        return min(m, n1), min(m, n2), 1
+    # symmetric: 4 x 4 tiles, only the 10 upper ones computed (-37.5% work)
+    auto_m = -(-n1 // 4) if (sym and n1 >= 64) else n1
+    m1 = min(block_size or auto_m, n1)
+    m2 = min(block_size or n2, n2)
+    return m1, m2, max(1, min(default, m1 if sym else m2))
+
+
 def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
                   block_size: int | None = None, outputs: str | None = None,
                   trace_outputs: bool | None = None) -> Array:
@@ -557,8 +590,7 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
     n1 = x1.shape[0]
     n2 = n1 if sym else x2.shape[0]
     full = outputs == "full"
-    structured_ok = has_structure(apply_fn)
-    if method == "structured" and not structured_ok:
+    if method == "structured" and not has_structure(apply_fn):
         raise ValueError(
             f"method 'structured' needs a model that exposes its layer structure "
             f"(structure_features/structure_pair, e.g. a dense or conv layer composition), got "
@@ -566,34 +598,8 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
         )
     o = out.shape[1]
     if method == "auto":
-        if structured_ok:
-            method = "structured"
-        else:
-            P = _nparams(params)
-            F = forward_flops(apply_fn, params, x1.shape[1:], x1.dtype)
-            costs = generic_costs(F, P, n1, n2, o, full=full, sym=sym)
-            method = min(costs, key=costs.get)
-    chunk = 1
-    if method == "structured":
-        if block_size is not None:
-            m1, m2 = min(block_size, n1), min(block_size, n2)
-        elif sym and n1 > _STRUCT_TILE:
-            k = -(-n1 // _STRUCT_TILE)
-            m1 = m2 = -(-n1 // k)
-        else:
-            m1, m2 = n1, n2
-    else:
-        row_bytes = max(1, o * _nparams(params) * _itemsize(params))
-        default = max(1, _JAC_BUDGET // row_bytes)
-        if method == "jacobian":
-            m = block_size or default
-            m1, m2 = min(m, n1), min(m, n2)
-        else:
-            # symmetric: 4 x 4 tiles, only the 10 upper ones computed (-37.5% work)
-            auto_m = -(-n1 // 4) if (sym and n1 >= 64) else n1
-            m1 = min(block_size or auto_m, n1)
-            m2 = min(block_size or n2, n2)
-            chunk = max(1, min(default, m1 if sym else m2))
+        method = _auto_method(apply_fn, params, x1, n1, n2, o, full=full, sym=sym)
+    m1, m2, chunk = _tiles(method, params, n1, n2, o, block_size=block_size, sym=sym)
     if sym:
         m2 = m1
     K = _ntk_core(params, x1, x2, apply_fn=apply_fn, method=method,

@@ -279,60 +279,70 @@ def check_models(cfg, data, dtype, *, output_size: bool = True) -> None:
     check_architecture(cfg, data, dtype)
     arch = ARCHITECTURES.get(cfg.model.arch)
     x = jax.ShapeDtypeStruct((2,) + tuple(data.x_train.shape[1:]), dtype)
-    targets = int(data.y_train.shape[1])
 
     def where(path):
         return _at(cfg, path)
 
-    checked_acts = False
-    for w in cfg.model.widths:
+    for i, w in enumerate(cfg.model.widths):
         try:
             spec = cfg.model.spec(w)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where('model.width')}: architecture {cfg.model.arch!r} "
                               f"rejects width {w}: {_one_line(e)}") from None
-        if not checked_acts:
+        if i == 0:
             for path, name, params in _activation_names(cfg, spec):
                 check_activation(path, name, params, dtype, where)
-            checked_acts = True
         if isinstance(spec, LayersSpec):
             _check_layers(cfg, spec, x, where)
-        built = {}
-
-        def init(key, spec=spec, built=built):
-            apply_fn, params = arch.build(spec, data.x_train.shape[1], key, dtype)
-            built["apply_fn"] = apply_fn
-            return params
-
-        try:
-            params = jax.eval_shape(init, jax.random.key(0))
-            out = jax.eval_shape(built["apply_fn"], params, x)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure is the config's: one line
-            msg = _one_line(e)
-            raise ConfigError(f"{where('model')}: the network at width {w} cannot be built "
-                              f"for inputs of shape {tuple(x.shape[1:])}: {msg}"
-                              f"{_shape_hint(data.x_train.shape, msg)}") from None
-        shape = getattr(out, "shape", None)
-        if shape is None or len(shape) != 2 or shape[0] != 2:
-            raise ConfigError(f"{where('model')}: the network must return (n, out_dim), got "
-                              f"{shape if shape is not None else type(out).__name__}")
-        if output_size and shape[1] != targets:
-            readout = ("; end the layer list with a readout {dense: {out: "
-                       f"{targets}}}}}" if isinstance(spec, LayersSpec) else
-                       f"; set model.out_dim: {targets}")
-            key = "model.layers" if isinstance(spec, LayersSpec) else "model.out_dim"
-            raise ConfigError(f"{where(key)}: the network gives {shape[1]} output(s) but the "
-                              f"targets of data set {cfg.data.name!r} have {targets} "
-                              f"column(s){readout}")
-        if arch.analytic is not None and w == cfg.model.widths[0] and _needs_analytic(cfg):
+        shape = _built_output_shape(cfg, arch, spec, data, x, dtype, w, where)
+        if output_size:
+            _check_output_size(cfg, spec, shape, int(data.y_train.shape[1]), where)
+        if arch.analytic is not None and i == 0 and _needs_analytic(cfg):
             try:
                 jax.eval_shape(lambda a, spec=spec: arch.analytic(spec, a), x)
             except Exception as e:  # noqa: BLE001
                 raise ConfigError(f"{where('model')}: the infinite-width kernel of "
                                   f"architecture {cfg.model.arch!r} cannot be computed: "
                                   f"{_one_line(e)}") from None
+
+
+def _built_output_shape(cfg, arch, spec, data, x, dtype, w, where) -> tuple:
+    """The output shape ``(2, out)`` of the network at width ``w``, built abstractly."""
+    built = {}
+
+    def init(key):
+        apply_fn, params = arch.build(spec, data.x_train.shape[1], key, dtype)
+        built["apply_fn"] = apply_fn
+        return params
+
+    try:
+        params = jax.eval_shape(init, jax.random.key(0))
+        out = jax.eval_shape(built["apply_fn"], params, x)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure is the config's: one line
+        msg = _one_line(e)
+        raise ConfigError(f"{where('model')}: the network at width {w} cannot be built "
+                          f"for inputs of shape {tuple(x.shape[1:])}: {msg}"
+                          f"{_shape_hint(data.x_train.shape, msg)}") from None
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != 2:
+        raise ConfigError(f"{where('model')}: the network must return (n, out_dim), got "
+                          f"{shape if shape is not None else type(out).__name__}")
+    return tuple(shape)
+
+
+def _check_output_size(cfg, spec, shape: tuple, targets: int, where) -> None:
+    """The network's output width equals the number of target columns."""
+    if shape[1] == targets:
+        return
+    layered = isinstance(spec, LayersSpec)
+    readout = (f"; end the layer list with a readout {{dense: {{out: {targets}}}}}" if layered
+               else f"; set model.out_dim: {targets}")
+    key = "model.layers" if layered else "model.out_dim"
+    raise ConfigError(f"{where(key)}: the network gives {shape[1]} output(s) but the "
+                      f"targets of data set {cfg.data.name!r} have {targets} "
+                      f"column(s){readout}")
 
 
 #: Keys a rerun into the same folder may change: the sweep lists and inits (the
