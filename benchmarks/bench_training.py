@@ -140,8 +140,10 @@ def bench_ngd_step(n: int, width: int = 2048) -> dict:
 
 
 def bench_ngd_through_train(n: int = 16, width: int = 1024, steps: tuple = (20, 120)) -> dict:
-    """Per step, from the difference of two run lengths (so the fixed cost of a call,
-    argument checks, set-up and the final loss, is not counted as step time)."""
+    """NGD through ``train`` against the direct jitted ``ngd`` update and against GD
+    through ``train``, per step, from the difference of two run lengths (so the fixed
+    cost of a call, argument checks, set-up and the final loss, is not counted as
+    step time)."""
     spec = MLPSpec(depth=2, width=width, activation="relu")
     d = 16
     f, ps = init_ensemble(spec, d, jax.random.split(jax.random.key(0), 1), jnp.float32)
@@ -156,8 +158,11 @@ def bench_ngd_through_train(n: int = 16, width: int = 1024, steps: tuple = (20, 
         upd, st = tx.update(None, st, q, x=x, residual=r, apply_fn=f)
         return optax.apply_updates(q, upd), st
 
-    def through_train(q, k):
-        return train(f, q, x, y, optimizer=tx, steps=k).losses
+    def through_train(q, k, opt=tx):
+        return train(f, q, x, y, optimizer=opt, steps=k).losses
+
+    def gd_through_train(q, k):
+        return through_train(q, k, gd(0.5))
 
     def direct(q, k):
         st = tx.init(q)
@@ -169,11 +174,14 @@ def bench_ngd_through_train(n: int = 16, width: int = 1024, steps: tuple = (20, 
     t_train = (time_fn(through_train, p, b, repeats=3)
                - time_fn(through_train, p, a, repeats=3)) / (b - a)
     t_direct = (time_fn(direct, p, b, repeats=3) - time_fn(direct, p, a, repeats=3)) / (b - a)
+    t_gd = (time_fn(gd_through_train, p, b, repeats=3)
+            - time_fn(gd_through_train, p, a, repeats=3)) / (b - a)
     u = matmul_unit()
     return {"n": n, "width": width, "depth": 2, "steps": list(steps), "ntk_method": "structured",
             "train_step_units": t_train / u, "direct_step_units": t_direct / u,
-            "train_over_direct": t_train / t_direct,
-            "note": "2 shared CPU cores, loaded (5 sessions): ratios noisy"}
+            "gd_train_step_units": t_gd / u,
+            "train_over_direct": t_train / t_direct, "ngd_over_gd_in_train": t_train / t_gd,
+            "load_average_1min": os.getloadavg()[0]}
 
 
 def main(out_dir: str) -> dict:
