@@ -4,6 +4,7 @@ template and committed records generate, and the check catches a hand edit of a 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -138,6 +139,10 @@ REAL_PAGES = gallery.pages(ROOT)
 
 
 def test_committed_pages_match_their_records():
+    folders = sorted(d for d in glob.glob(os.path.join(ROOT, "experiments", "*"))
+                     if os.path.exists(os.path.join(d, "README.md")))
+    assert folders and [d for d in folders if d not in REAL_PAGES] == [], \
+        "every gallery page needs a README.template.md"
     bad = gallery.check_pages(ROOT)
     assert bad == [], f"pages differ from their records (run `ntkexp gallery render`): {bad}"
 
