@@ -4,6 +4,7 @@ template and committed records generate, and the check catches a hand edit of a 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -138,6 +139,10 @@ REAL_PAGES = gallery.pages(ROOT)
 
 
 def test_committed_pages_match_their_records():
+    folders = sorted(d for d in glob.glob(os.path.join(ROOT, "experiments", "*"))
+                     if os.path.exists(os.path.join(d, "README.md")))
+    assert folders and [d for d in folders if d not in REAL_PAGES] == [], \
+        "every gallery page needs a README.template.md"
     bad = gallery.check_pages(ROOT)
     assert bad == [], f"pages differ from their records (run `ntkexp gallery render`): {bad}"
 
@@ -158,3 +163,24 @@ def test_check_fails_on_a_hand_edited_copy_of_each_page(page, tmp_path):
     edited = text[:i] + ("1" if text[i] != "1" else "2") + text[i + 1:]
     open(readme, "w").write(edited)
     assert gallery.check_pages(root) == [os.path.dirname(readme)]
+
+
+@pytest.mark.slow
+def test_gallery_run_reruns_what_the_templates_name_and_renders(tmp_path):
+    """``ntkexp gallery run`` end to end on a tiny preset in a scratch repository."""
+    root = str(tmp_path)
+    shutil.copytree(os.path.join(ROOT, "configs"), os.path.join(root, "configs"))
+    _page(root, "bietti", template="mu0 {{ bietti2019_spectrum-tiny.per_dim.3.mu_0 :.4f }}\n")
+    log = []
+    done = gallery.run_all(root, log=log.append)
+    assert isinstance(done["bietti2019_spectrum-tiny"], float)
+    assert any(line.startswith("[1/1] bietti: ntkexp run configs/bietti2019_spectrum.yaml")
+               for line in log)
+    rec = json.load(open(os.path.join(root, "experiments", "bietti", "results",
+                                      "bietti2019_spectrum-tiny.json")))
+    assert rec["preset"] == "tiny" and rec["config"] == "configs/bietti2019_spectrum.yaml"
+    assert "mu0 0.5000" in open(os.path.join(root, "experiments", "bietti", "README.md")).read()
+    assert gallery.check_pages(root) == []
+    head, dirty = gallery.git_state()
+    if head and not dirty and rec["commit"] == head:  # a clean tree: the rerun skips it
+        assert gallery.run_all(root, log=log.append) == {"bietti2019_spectrum-tiny": "skipped"}

@@ -307,6 +307,12 @@ class _EigenRidge:
         self.s, self.V = s, V
         self.VtY = V.T @ np.asarray(Y, np.float64)
 
+    def with_targets(self, Y) -> _EigenRidge:
+        """The same eigendecomposition with other targets (no new ``eigh``)."""
+        new = object.__new__(_EigenRidge)
+        new.s, new.V, new.VtY = self.s, self.V, self.V.T @ np.asarray(Y, np.float64)
+        return new
+
     def predict(self, Kt, r: float):
         return (np.asarray(Kt, np.float64) @ self.V) @ (self.VtY / (self.s + r)[:, None])
 
@@ -363,7 +369,7 @@ def kernel_controls(ktr, kte, labels, labels_test, grid, folds: int, seed: int) 
         er = _EigenRidge(K, _onehot(labels))
         test = {f"{r:.0e}": _accuracy(er.predict(Kt, r * scale), labels_test) for r in grid}
         shuf = np.random.default_rng(seed + 1).permutation(np.asarray(labels))
-        er_s = _EigenRidge(K, _onehot(shuf))
+        er_s = er.with_targets(_onehot(shuf))
         out[name] = {"cv_ridge": cv["ridge"], "cv_accuracy": cv["cv_accuracy"],
                      "test_accuracy": test[f"{cv['ridge']:.0e}"], "test_accuracy_by_ridge": test,
                      "shuffled_test_accuracy": _accuracy(er_s.predict(Kt, cv["ridge"] * scale),
