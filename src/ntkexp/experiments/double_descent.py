@@ -126,7 +126,6 @@ def _train_nets(cfg, task, unit, progress):
     """GD on the centred two-layer nets of ``unit``: test outputs ``(K, m, k)`` of
     ``f - f0`` and the final training losses ``(K,)``."""
     apply_fn, params = build_ensemble(cfg, unit, task.x.shape[1], task.dtype)
-    K = len(unit.inits)
     n = task.x.shape[0]
     lam = np.asarray([float(ntk_lambda_max(apply_fn, jax.tree_util.tree_map(
         lambda a, i=i: a[i], params), task.x, streams.key(cfg.seed, "power", init),

@@ -66,6 +66,7 @@ from ntkexp.kernels.finite_width import (
     fit_through_origin,
     moment_ratio,
     normalized_variance,
+    ntk_sum_coefficient,
     relu_output_vertex_exact,
     vertex_recursion,
     vertex_slope,
@@ -237,7 +238,7 @@ def summarize(cfg, results):
     in_dim = int(cfg.data.dim)
     cells, rows = [], []
     per_act = {a: {"x": [], "ghat": [], "theory": [], "exact": []} for a in p.activations}
-    ntk_samples, betas, inv_widths = [], [], []
+    ntk_samples, betas, inv_widths, mid_samples = [], [], [], []
     for wi, w in enumerate(widths):
         lay = np.asarray(results["ntk_layers"][wi, 0], np.float64)  # (K, A, D, Dmax+1)
         gh = np.asarray(results["ghat"][wi, 0], np.float64)         # (K, A, D)
@@ -256,6 +257,9 @@ def summarize(cfg, results):
                     k = ntk_diagonal(lay[:, ai, di], d, w, in_dim, CRITICAL_CW[act],
                                      p.ntk_weighting)
                     ratio = float(moment_ratio(k))
+                    mid = lay[:, ai, di, d // 2, 0]    # one weight term, mid-depth
+                    mid_samples.append(mid)
+                    cell["log_mid_layer_ratio"] = float(np.log(moment_ratio(mid)))
                     cell.update(ntk_mean=float(k.mean()), ntk_ratio=ratio,
                                 log_ntk_ratio=float(np.log(ratio)),
                                 theory_log_ratio=THEORY_FLUCTUATION * beta,
@@ -288,6 +292,14 @@ def summarize(cfg, results):
                   for wi, w in enumerate(widths) for di, d in enumerate(p.depths)]
             other[wname] = float(fit_linear(X, np.log(moment_ratio(np.stack(ks))), mask)[0])
         summary["fluctuation_coefficient_by_weighting"] = other
+        cm, cmi, _ = bootstrap_fit(np.stack(mid_samples), X, moment_ratio, np.log, mask,
+                                   resamples=p.bootstrap, seed=cfg.seed + 2)
+        summary["fluctuation_coefficient_relu_mid_layer"] = cm
+        summary["fluctuation_coefficient_relu_mid_layer_ci"] = list(cmi)
+        th = ntk_sum_coefficient("relu", CRITICAL_CW["relu"])
+        summary["fluctuation_coefficient_sum_derived"] = th["sum"]
+        summary["fluctuation_coefficient_mid_layer_derived"] = th["single_mid"]
+        summary["fluctuation_derived_moments"] = {k: th[k] for k in ("v_f", "v_b", "c")}
         summary.update(fluctuation_coefficient_relu=c, fluctuation_coefficient_relu_ci=list(ci),
                        fluctuation_coefficient_theory=THEORY_FLUCTUATION,
                        fluctuation_fit_cells=int(mask.sum()),
@@ -305,8 +317,9 @@ def summarize(cfg, results):
         summary[f"vertex_slope_{act}_consistent"] = bool(ci[0] <= cells_theory <= ci[1])
         summary[f"vertex_fit_cells_{act}"] = int(mask.sum())
         if act == "relu":
-            summary["vertex_slope_relu_exact_cells"] = fit_through_origin(
-                x, np.asarray(per_act[act]["exact"]), mask)
+            ex = fit_through_origin(x, np.asarray(per_act[act]["exact"]), mask)
+            summary["vertex_slope_relu_exact_cells"] = ex
+            summary["vertex_slope_relu_exact_consistent"] = bool(ci[0] <= ex <= ci[1])
     summary["cells"] = cells
     summary["metric_definitions"] = (
         "ntk_ratio: mean(K^2)/mean(K)^2 over inits of the NTK diagonal at one input; "
