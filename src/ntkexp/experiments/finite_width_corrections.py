@@ -126,19 +126,24 @@ def make_spec(activation: str, depth: int, width: int):
                    parameterization="ntk", out_dim=1)
 
 
+def draw_params(template, key, depth: int):
+    """One member's parameters in ``template``'s layout: weights ``N(0, 1)`` from
+    ``key`` (split per layer), biases zero."""
+    layers = template["layers"]
+    ks = jax.random.split(key, depth + 1)
+    return {"layers": {i: {"W": jax.random.normal(ks[i], layers[i]["W"].shape,
+                                                  layers[i]["W"].dtype),
+                           "b": jnp.zeros_like(layers[i]["b"])}
+                       for i in range(depth + 1)}}
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _chunk_stats(apply_fn, depth: int, keys, x, template):
     """Per member: squared gradient norms of each layer's weights and biases
     ``(C, depth + 1, 2)``, and the output ``(C,)``; member ``c``'s weights are
     ``N(0, 1)`` from ``keys[c]``, its biases zero."""
-    layers = template["layers"]
-
     def one(k):
-        ks = jax.random.split(k, depth + 1)
-        p = {"layers": {i: {"W": jax.random.normal(ks[i], layers[i]["W"].shape,
-                                                   layers[i]["W"].dtype),
-                            "b": jnp.zeros_like(layers[i]["b"])}
-                        for i in range(depth + 1)}}
+        p = draw_params(template, k, depth)
         f, g = jax.value_and_grad(lambda q: apply_fn(q, x[None, :])[0, 0])(p)
         sq = jnp.stack([jnp.stack([jnp.sum(g["layers"][i]["W"] ** 2),
                                    jnp.sum(g["layers"][i]["b"] ** 2)])
