@@ -43,7 +43,7 @@ def test_layer_norms_sum_to_the_structured_ntk_diagonal(act):
 
 
 def test_ntk_second_moment_at_a_small_cell():
-    """Depth 4, width 32, 4000 inits. The readout term of the NTK diagonal,
+    """Depth 4, width 32, 3000 inits. The readout term of the NTK diagonal,
     (C_W / n) |relu(z_L)|^2, has E[K^2] / E[K]^2 = prod(1 + 5/n) exactly, i.e.
     exp(5 beta) up to O(sum 1/n^2) (Hanin & Nica 2019, Thm. 1's exponent); the
     measured ratio must agree within 3 bootstrap standard errors. The full diagonal
@@ -51,7 +51,7 @@ def test_ntk_second_moment_at_a_small_cell():
     standard errors (the summed terms average the forward and backward fluctuations;
     see ntkexp.kernels.finite_width.ntk_sum_coefficient)."""
     cfg = C.load(CONFIG, preset="tiny")
-    depth, width, M = 4, 32, 4000
+    depth, width, M = 4, 32, 3000
     sq, _ = F.cell_stats(cfg, "relu", 0, depth, 0, width, tuple(range(M)), _x())
     sq = np.asarray(sq, np.float64)
     readout = sq[:, depth, 0]
