@@ -6,7 +6,10 @@ limiting Gaussian, Fig. 2), ``arora2019_finegrained``, ``du2019_fig1``,
 ``zhang2019_ngd``, ``bietti2019_spectrum``, ``lee2020_finite_vs_infinite``
 (issue 6), ``mnist1d_finite_vs_infinite`` (MNIST-1D, issue 12) and
 ``kernel_convergence`` (empirical NTK vs its limit for any
-registered architecture, issue 7). A plugin module registers more with
+registered architecture, issue 7), ``finite_width_corrections`` (1/n corrections
+at initialisation: NTK fluctuations and the four-point vertex, issue 22) and
+``double_descent`` (test error against width ending at the kernel limit, issue
+22). A plugin module registers more with
 :func:`register_experiment` (see ``docs/extending.md``).
 """
 
