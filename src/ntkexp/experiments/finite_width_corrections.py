@@ -355,15 +355,20 @@ def plot(results, summary, cfg_dict, fig_dir):
             cs = [c for c in relu if c["depth"] == d]
             ax.plot([c["beta"] for c in cs], [c["log_ntk_ratio"] for c in cs], "o",
                     color=cmap(i / max(len(depths) - 1, 1)), ms=4, label=f"depth {d}")
-        bmax = max(c["beta"] for c in relu)
-        bb = np.linspace(0, bmax, 50)
+        bb = np.geomspace(min(c["beta"] for c in relu), max(c["beta"] for c in relu), 50)
         ax.plot(bb, THEORY_FLUCTUATION * bb, "k-", lw=1.2, label="5 beta (Hanin & Nica)")
+        if "fluctuation_coefficient_sum_derived" in summary:
+            cs = summary["fluctuation_coefficient_sum_derived"]
+            ax.plot(bb, cs * bb, "k:", lw=1.2, label=f"{cs:.2f} beta (derived, NTK sum)")
+            ax.plot([c["beta"] for c in relu], [c["log_mid_layer_ratio"] for c in relu],
+                    "x", color="tab:orange", ms=4, label="one mid-depth weight term")
         c = summary["fluctuation_coefficient_relu"]
         lo, hi = summary["fluctuation_coefficient_relu_ci"]
-        ax.plot(bb, c * bb, "r--", lw=1.0, label=f"fit {c:.2f} [{lo:.2f}, {hi:.2f}] beta")
+        ax.plot(bb, c * bb, "r--", lw=1.0, label=f"fitted slope {c:.2f} [{lo:.2f}, {hi:.2f}]")
         ax.axvline(summary["fit_beta_max"], color="0.6", ls=":", lw=1,
                    label="fit range edge")
-        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("beta = depth / width")
         ax.set_ylabel("log E[K(x,x)^2] / E[K(x,x)]^2")
         ax.set_title("ReLU NTK diagonal fluctuations", fontsize=9)
