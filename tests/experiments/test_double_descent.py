@@ -19,7 +19,7 @@ from ntkexp.theory import kernel_regression
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "double_descent.yaml")
 
 
-@pytest.mark.parametrize("w", [7, 40])
+@pytest.mark.parametrize("w", [7, 30, 45])
 def test_min_norm_fit_matches_lstsq_and_ridge(w):
     """Under- and over-parameterized: the pseudo-inverse readout is numpy's lstsq
     (minimum norm), the ridge readout the normal-equation solve."""
@@ -66,10 +66,13 @@ def test_wide_random_features_tend_to_nngp_regression():
     Kt = np.asarray(analytic_kernel(spec, xt, x).nngp, np.float64)
     want = np.asarray(kernel_regression(Kt, K, y), np.float64)
     dists = []
-    for w in (1_000, 16_000):
-        W0 = rng.normal(size=(d, w))
-        (f, _), = DD.min_norm_fit(DD.features(cfg, W0, x), DD.features(cfg, W0, xt), y)
-        dists.append(np.linalg.norm(f - want) / np.linalg.norm(want))
+    for w in (1_000, 16_000):  # both take the Gram path (w >= 2 n)
+        dw = []
+        for _ in range(4):  # root-mean-square distance over 4 draws of the features
+            W0 = rng.normal(size=(d, w))
+            (f, _), = DD.min_norm_fit(DD.features(cfg, W0, x), DD.features(cfg, W0, xt), y)
+            dw.append(np.linalg.norm(f - want) ** 2 / np.linalg.norm(want) ** 2)
+        dists.append(np.sqrt(np.mean(dw)))
     assert dists[1] < 0.1
     assert dists[1] < 0.5 * dists[0]
 
