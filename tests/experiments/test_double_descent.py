@@ -86,3 +86,18 @@ def test_config_checks():
         C.load(CONFIG, preset="tiny", overrides=["params.trained_widths=[7]"])
     with pytest.raises(C.ConfigError, match="n_test"):
         C.load(CONFIG, preset="tiny", overrides=["data.n_test=0"])
+
+
+@pytest.mark.slow
+def test_tiny_run_peaks_at_the_threshold(tmp_path_factory):
+    """The tiny preset end to end (n_train 60): the random-feature peak is within a
+    factor 2 of w = n, the ensemble and the ridge lower it, and w >= n interpolates."""
+    from conftest import run_tiny
+
+    _, s = run_tiny(tmp_path_factory, CONFIG, "dd", allow_rank_promotion=True)
+    assert 0.5 <= s["peak_width"] / s["threshold_width"] <= 2.0
+    assert s["ensemble_peak_test_error"] < s["peak_test_error"]
+    assert s["ridge_peak_test_error"] < s["peak_test_error"]
+    for w, e in s["per_width"].items():
+        if int(w) >= s["threshold_width"]:
+            assert e["rf_train_mse"] < 1e-8

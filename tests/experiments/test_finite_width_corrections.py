@@ -77,3 +77,17 @@ def test_config_checks():
         C.load(CONFIG, preset="tiny", overrides=["train.inits=1"])
     with pytest.raises(C.ConfigError):
         C.load(CONFIG, preset="tiny", overrides=["params.activations=[gelu]"])
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end(tmp_path_factory):
+    """The tiny preset through the runner: every fitted coefficient has an interval
+    around it, and the ReLU vertex slope's interval covers the exact law's slope."""
+    from conftest import run_tiny
+
+    _, s = run_tiny(tmp_path_factory, CONFIG, "fwc", allow_rank_promotion=True)
+    for key in ("fluctuation_coefficient_relu", "vertex_slope_relu", "vertex_slope_tanh"):
+        lo, hi = s[key + "_ci"]
+        assert lo <= s[key] <= hi
+    assert s["vertex_slope_relu_exact_consistent"]
+    assert len(s["cells"]) == 2 * len(s["depths"]) * len(s["widths"])
