@@ -70,8 +70,10 @@ gallery: setup
 gallery-render: setup
 	$(VENV)/bin/ntkexp gallery render
 
+## ruff (style, complexity) and the package-order contracts of pyproject.toml (import-linter).
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import matmul_unit, time_fn, write_json
-from ntkexp.kernels import analytic_kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 
 

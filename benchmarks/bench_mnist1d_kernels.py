@@ -59,8 +59,9 @@ def measure(arch: str, work: str, budget: str, max_seconds: float, dtype: str,
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     from ntkexp.data import mnist1d_arrays
-    from ntkexp.kernels.tiling import analytic_tiles, plan_tiles, tiled_kernel
+    from ntkexp.kernels.tiling import plan_tiles, tiled_kernel
     from ntkexp.models import ARCHITECTURES
+    from ntkexp.tiles import analytic_tiles
 
     arch_rec = ARCHITECTURES.get(arch)
     spec = arch_rec.make_spec(**SPECS[arch])

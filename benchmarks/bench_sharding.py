@@ -32,9 +32,8 @@ def _worker() -> dict:
     import jax.numpy as jnp
 
     from benchmarks.common import matmul_unit, time_fn
-    from ntkexp.kernels import analytic_kernel
-    from ntkexp.kernels.cnn import cnn_kernel
-    from ntkexp.models.cnn import CNNSpec
+    from ntkexp.models.analytic import analytic_kernel
+    from ntkexp.models.cnn import CNNSpec, cnn_kernel
     from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
     from ntkexp.sharding import shard_ensemble, sharded_kernel
 

@@ -31,7 +31,8 @@ import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import ntkexp
-from ntkexp.kernels.tiling import analytic_tiles, parse_bytes, plan_tiles, tiled_kernel
+from ntkexp.kernels.tiling import parse_bytes, plan_tiles, tiled_kernel
+from ntkexp.tiles import analytic_tiles
 from ntkexp.models import ARCHITECTURES
 from benchmarks.common import matmul_unit
 

@@ -12,6 +12,9 @@
    matmul FLOP rate measured in the same process (target >= 0.5).
 3. One NGD step (n = 256, same MLP, one init) against the empirical NTK plus one
    vjp computed separately (target <= 2x), and against one GD step.
+4. NGD through ``train`` (the structured empirical NTK reaches the optimizer) against
+   the same jitted ``ngd`` step called directly, per step: depth-2 width-1024 ReLU MLP,
+   n = 16 (target <= 1.5x).
 
 Run: ``python -m benchmarks.run --only training`` (``NTKEXP_BENCH_QUICK=1``
 shrinks part 2 to two steps and part 3 to n = 128 for a loaded CPU).
@@ -136,6 +139,51 @@ def bench_ngd_step(n: int, width: int = 2048) -> dict:
             "ngd_over_ntk_plus_vjp": t_ngd / (t_ntk + t_vjp), "ngd_over_gd": t_ngd / t_gd}
 
 
+def bench_ngd_through_train(n: int = 16, width: int = 1024, steps: tuple = (20, 120)) -> dict:
+    """NGD through ``train`` against the direct jitted ``ngd`` update and against GD
+    through ``train``, per step, from the difference of two run lengths (so the fixed
+    cost of a call, argument checks, set-up and the final loss, is not counted as
+    step time)."""
+    spec = MLPSpec(depth=2, width=width, activation="relu")
+    d = 16
+    f, ps = init_ensemble(spec, d, jax.random.split(jax.random.key(0), 1), jnp.float32)
+    p = jax.tree_util.tree_map(lambda a: a[0], ps)
+    x = jax.random.normal(jax.random.key(1), (n, d), jnp.float32)
+    y = jnp.sin(x[:, :1])
+    tx = ngd(0.5, damping=1e-3, ntk_method="structured")
+
+    @jax.jit
+    def direct_step(q, st):
+        r = f(q, x) - y
+        upd, st = tx.update(None, st, q, x=x, residual=r, apply_fn=f)
+        return optax.apply_updates(q, upd), st
+
+    def through_train(q, k, opt=tx):
+        return train(f, q, x, y, optimizer=opt, steps=k).losses
+
+    def gd_through_train(q, k):
+        return through_train(q, k, gd(0.5))
+
+    def direct(q, k):
+        st = tx.init(q)
+        for _ in range(k):
+            q, st = direct_step(q, st)
+        return q
+
+    a, b = steps
+    t_train = (time_fn(through_train, p, b, repeats=3)
+               - time_fn(through_train, p, a, repeats=3)) / (b - a)
+    t_direct = (time_fn(direct, p, b, repeats=3) - time_fn(direct, p, a, repeats=3)) / (b - a)
+    t_gd = (time_fn(gd_through_train, p, b, repeats=3)
+            - time_fn(gd_through_train, p, a, repeats=3)) / (b - a)
+    u = matmul_unit()
+    return {"n": n, "width": width, "depth": 2, "steps": list(steps), "ntk_method": "structured",
+            "train_step_units": t_train / u, "direct_step_units": t_direct / u,
+            "gd_train_step_units": t_gd / u,
+            "train_over_direct": t_train / t_direct, "ngd_over_gd_in_train": t_train / t_gd,
+            "load_average_1min": os.getloadavg()[0]}
+
+
 def main(out_dir: str) -> dict:
     quick = os.environ.get("NTKEXP_BENCH_QUICK", "") not in ("", "0")
     res = {
@@ -145,6 +193,7 @@ def main(out_dir: str) -> dict:
         "jacot_fig2_width1000": bench_jacot_fig2(1000, steps=200 if quick else 1000),
         "mlp2048_throughput": bench_throughput(steps=2 if quick else 5),
         "ngd_step": bench_ngd_step(128 if quick else 256),
+        "ngd_through_train": bench_ngd_through_train(),
     }
     for k, v in res.items():
         print(k, v, flush=True)

@@ -66,8 +66,8 @@ def _config(tmp_path, widths=(4, 8, 16), scale=1.0):
     return str(p)
 
 
-def _run(capsys, path, out):
-    code = main(["run", path, "--out", str(out), "--quiet"])
+def _run(capsys, path, out, *extra):
+    code = main(["run", path, "--out", str(out), "--quiet", *extra])
     o, err = capsys.readouterr()
     return code, o, err
 
@@ -113,6 +113,10 @@ def test_failed_rerun_leaves_no_old_headline_numbers(tmp_path, capsys, failing_e
     assert (out / "summary.json").exists() and (out / "meta.json").exists()
     FAIL["summary"] = True
     code, o, err = _run(capsys, _config(tmp_path, scale=2.0), out)
+    assert code == 2  # another config's folder: refused unless --force
+    _one_line(err, o, "holds the results of another config", "params.scale", "--force")
+    assert (out / "summary.json").exists() and (out / "meta.json").exists()  # untouched
+    code, o, err = _run(capsys, _config(tmp_path, scale=2.0), out, "--force")
     assert code == 1
     _one_line(err, o, "RuntimeError: summary broke", "can be resumed")
     assert not (out / "meta.json").exists() and not (out / "summary.json").exists()

@@ -5,6 +5,7 @@ import os
 import pytest
 import yaml
 
+import ntkexp.experiments  # noqa: F401  (registers the experiments' config schemas)
 from ntkexp import config as C
 
 BASE = {

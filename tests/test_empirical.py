@@ -15,7 +15,8 @@ from ntkexp.empirical import (
     monte_carlo_kernel,
     structured_flops,
 )
-from ntkexp.kernels import Kernel, analytic_kernel
+from ntkexp.kernels import Kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPApply, MLPSpec, functional, init_params
 
 METHODS = ("structured", "jvp", "jacobian", "auto")
@@ -155,7 +156,8 @@ def test_vmap_over_parameter_stack_under_jit(method, dtype, tol):
     stack = jax.vmap(lambda k: init_params(spec, 3, k, dtype))(keys)
     x = _x(5, 3, dtype)
     f = MLPApply(spec)
-    ks = jax.jit(jax.vmap(lambda p: empirical_ntk(f, p, x, method=method, block_size=2)))(stack)
+    ks = jax.jit(jax.vmap(lambda p: empirical_ntk(f, p, x, method=method, block_size=2,
+                                                           outputs="trace")))(stack)
     assert ks.shape == (3, 5, 5)
     for i in range(3):
         p = jax.tree_util.tree_map(lambda a, i=i: a[i], stack)

@@ -59,6 +59,11 @@ def test_record_and_render_fill_numbers_from_the_summary(tmp_path):
     assert "| 64 | 0.912 |" in text and "| 256 | 0.877 |" in text
     assert "loss 3.14e-05, runs 3, 12 s at " + "a" * 40 in text
     assert "`results/demo-cpu.json`" in text  # provenance row
+    rec["summary"]["ngd"] = {"0.25": {"rate": 0.75}, "exp(u - 1)": 1.5}
+    assert gallery.lookup(rec, "ngd.0.25.rate") == 0.75
+    assert gallery.lookup(rec, "ngd.exp(u - 1)") == 1.5
+    assert gallery.lookup(rec, "losses.-1") == summary["losses"][-1]
+    assert gallery.render_text("{{ demo-cpu.ngd.exp(u - 1) :.2f }}", {"demo-cpu": rec})[0] == "1.50"
     assert gallery.wanted_runs(root) == [("demo", "demo-cpu", "configs/demo.yaml", "cpu")]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import X64, rel_err
-from ntkexp.kernels import analytic_kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 from ntkexp.sharding import (
     DistributedConfig,
@@ -37,8 +37,8 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 from ntkexp.empirical import empirical_ntk
-from ntkexp.kernels import analytic_kernel
-from ntkexp.kernels.cnn import cnn_kernel
+from ntkexp.models.analytic import analytic_kernel
+from ntkexp.models.cnn import cnn_kernel
 from ntkexp.models.cnn import CNNSpec
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
 from ntkexp.sharding import shard_ensemble, sharded_kernel, sharded_vmap

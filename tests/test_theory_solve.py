@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 
 from conftest import needs_x64
-from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+from ntkexp.kernels.tiling import tiled_kernel
 from ntkexp.models import MLPSpec
 from ntkexp.theory import (
     SingularKernelError,
@@ -20,6 +20,7 @@ from ntkexp.theory import (
     precision_gap,
     tile_operator,
 )
+from ntkexp.tiles import analytic_tiles
 
 
 def _spd(n, lo, hi, seed):
@@ -32,7 +33,7 @@ def _duplicated_kernel():
     spec = MLPSpec(depth=2, width=1, activation="relu", W_std=1.4, b_std=0.1)
     x = np.random.RandomState(0).randn(8, 3)
     x[5] = x[2]  # a repeated training point: K is exactly singular
-    from ntkexp.kernels import analytic_kernel
+    from ntkexp.models.analytic import analytic_kernel
 
     k = analytic_kernel(spec, jnp.asarray(x))
     kt = analytic_kernel(spec, jnp.asarray(x[:3] + 0.1), jnp.asarray(x))

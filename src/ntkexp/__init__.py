@@ -27,7 +27,6 @@ from ntkexp.activations import ACTIVATIONS, Activation, get_activation, register
 from ntkexp.empirical import empirical_nngp, empirical_ntk, monte_carlo_kernel
 from ntkexp.kernels import (
     Kernel,
-    analytic_kernel,
     arora_ntk,
     c_sigma,
     du_gram,
@@ -36,9 +35,7 @@ from ntkexp.kernels import (
     mercer_eigenvalues,
     two_layer_relu_ntk_sphere,
 )
-from ntkexp.kernels.cnn import cnn_kernel
-from ntkexp.kernels.resmlp import resmlp_kernel
-from ntkexp.kernels.tiling import TilingError, analytic_tiles, empirical_tiles, tiled_kernel
+from ntkexp.kernels.tiling import TilingError, tiled_kernel
 from ntkexp.layers import register_layer
 from ntkexp.models import (
     ARCHITECTURES,
@@ -49,8 +46,9 @@ from ntkexp.models import (
     init_params,
     register_architecture,
 )
-from ntkexp.models.cnn import CNN, CNNApply, CNNSpec
-from ntkexp.models.resmlp import ResMLP, ResMLPApply, ResMLPSpec
+from ntkexp.models.analytic import analytic_kernel
+from ntkexp.models.cnn import CNN, CNNApply, CNNSpec, cnn_kernel
+from ntkexp.models.resmlp import ResMLP, ResMLPApply, ResMLPSpec, resmlp_kernel
 from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec
 from ntkexp.optim import OPTIMIZERS, gd, ngd, sgd
 from ntkexp.sharding import maybe_init_distributed, shard_ensemble, sharded_kernel, sharded_vmap
@@ -68,6 +66,7 @@ from ntkexp.theory import (
     ntk_predict,
     pattern_flip_fraction,
 )
+from ntkexp.tiles import analytic_tiles, empirical_tiles
 from ntkexp.training import DivergenceError, TrainResult, init_ensemble, train
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@
     ntkexp run CONFIG [--set KEY=VALUE ...] [--preset P] [--out DIR] [--quiet] [--force]
     ntkexp plot RUN_DIR
     ntkexp validate CONFIG [--set ...] [--preset P]
-    ntkexp list
+    ntkexp list [--config FILE]
     ntkexp gpu-check [--out runs/gpu-check] [--preset paper] [--no-bench]
     ntkexp gallery record RUN_DIR --page PAGE | render | check | run   (ntkexp.gallery)
 
@@ -20,7 +20,12 @@ and an unfinished run keeps no ``summary.json`` (headline numbers exist only
 beside the ``meta.json`` that marks a run complete). ``NTKEXP_TRACEBACK=1``
 re-raises instead, for debugging (docs/conventions.md, "Errors").
 
-``run`` ends by printing the run folder and the main figure (and, when an
+``validate`` and ``run`` make the same check pass before any work
+(:mod:`ntkexp.experiments.checks`; the list is in docs/conventions.md, "What
+validate checks"); ``run`` also refuses a run folder holding another config's
+results unless ``--force``. ``list --config FILE`` imports FILE's plug-ins and
+says which names they add. ``run`` prints how many units it computed and reused,
+then the run folder and the main figure (and, when an
 experiment used a Monte Carlo estimate of the infinite-width limit because the
 architecture registers no analytic kernel, a ``limit: ...`` line saying so). The
 default run folder is
@@ -70,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     config_args(r)
     r.add_argument("--out", default=None, help="run folder (default runs/<stem>[-<preset>])")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--force", action="store_true", help="recompute cached units")
+    r.add_argument("--force", action="store_true", help="recompute cached units; run into "
+                   "a folder that holds another config's results")
 
     pl = sub.add_parser("plot", help="redraw a run's figures from its saved results")
     pl.add_argument("run_dir")
@@ -78,8 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config (and preset/overrides) without running")
     config_args(v)
 
-    sub.add_parser("list", help="list experiments, architectures, activations, optimizers, "
-                   "datasets")
+    ls = sub.add_parser("list", help="list experiments, architectures, layer kinds, "
+                        "activations, optimizers, datasets, targets")
+    ls.add_argument("--config", default=None, help="also import this config's plugins and "
+                    "say which names they add")
 
     g = sub.add_parser("gpu-check", help="on a GPU: run the Jacot figures' paper presets "
                        "with device: gpu and the benchmarks; write their timings")
@@ -119,11 +127,14 @@ def default_run_dir(config_path: str, preset: str | None) -> str:
 
 def _cmd_run(args) -> int:
     from ntkexp import config as C
-    from ntkexp.experiments import run
+    from ntkexp.experiments import checks, run
 
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
     out = args.out or default_run_dir(args.config, args.preset)
     existed = os.path.exists(out)
+    if not args.quiet:
+        for line in checks.notes(cfg):
+            print(line)
     try:
         res = run(cfg, out, force=args.force, quiet=args.quiet)
     except _user_error_types():
@@ -138,6 +149,8 @@ def _cmd_run(args) -> int:
     limit = res.summary.get("limit") if isinstance(res.summary, dict) else None
     if isinstance(limit, dict) and limit.get("method") == "monte_carlo":
         print(f"limit: {limit.get('note', 'Monte Carlo estimate')}")
+    print(f"units: {res.computed_units} computed, {res.reused_units} reused from "
+          f"{os.path.join(res.run_dir, 'units')}")
     print(f"run folder: {res.run_dir}")
     if res.main_figure:  # processes other than 0 of a multi-process run draw nothing
         print(f"figure: {res.main_figure}")
@@ -190,17 +203,26 @@ def _tidy_failed_run(out: str, existed: bool) -> int:
 
 
 def _cmd_validate(args) -> int:
+    import jax
+
     from ntkexp import config as C
+    from ntkexp.experiments import EXPERIMENTS, checks
 
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
+    if cfg.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    found = checks.preflight(cfg, EXPERIMENTS.get(cfg.experiment))
     units = len(cfg.model.widths) * len(cfg.train.learning_rates) * cfg.train.inits
+    for line in found.notes:
+        print(line)
     print(f"{args.config}: ok (experiment {cfg.experiment}, widths "
-          f"{list(cfg.model.widths)}, {cfg.train.inits} init(s), {units} unit(s))")
+          f"{list(cfg.model.widths)}, {cfg.train.inits} init(s), {units} unit(s); data, "
+          "models, kernels and device checked)")
     return 0
 
 
 def _cmd_plot(args) -> int:
-    from ntkexp.plotting import plot_run
+    from ntkexp.experiments import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
@@ -213,25 +235,45 @@ def _cmd_gallery(args) -> int:
     return cli_main(args)
 
 
-def _cmd_list(args) -> int:
+def _registries() -> list[tuple[str, list[str]]]:
     from ntkexp.activations import ACTIVATIONS
     from ntkexp.data import DATASETS, TARGETS
     from ntkexp.experiments import EXPERIMENTS
+    from ntkexp.layers.registry import LAYERS
     from ntkexp.models import ARCHITECTURES
+    from ntkexp.optim import OPTIMIZERS
 
-    try:
-        from ntkexp.optim import OPTIMIZERS
+    return [("experiments", EXPERIMENTS.names()),
+            ("architectures", ARCHITECTURES.names()),
+            ("layer kinds", LAYERS.names()),
+            ("activations (also layer kinds)", ACTIVATIONS.names()),
+            ("optimizers", OPTIMIZERS.names()),
+            ("datasets", DATASETS.names()),
+            ("targets", TARGETS.names())]
 
-        optimizers = OPTIMIZERS.names()
-    except ImportError:
-        optimizers = ["gd"]
-    for title, names in (("experiments", EXPERIMENTS.names()),
-                         ("architectures", ARCHITECTURES.names()),
-                         ("activations", ACTIVATIONS.names()),
-                         ("optimizers", optimizers),
-                         ("datasets", DATASETS.names()),
-                         ("targets", TARGETS.names())):
+
+def _cmd_list(args) -> int:
+    from ntkexp import config as C
+
+    before = dict(_registries())
+    if args.config is not None:
+        data = C.read_yaml(args.config)
+        plugins = data.get("plugins") or []
+        if not isinstance(plugins, list):
+            raise C.ConfigError(f"{args.config}: plugins: expected a list of module names")
+        C.import_plugins(plugins, args.config)
+    after = _registries()
+    for title, names in after:
         print(f"{title}: {', '.join(names)}")
+    if args.config is not None:
+        added = [(t, [n for n in names if n not in before[t]]) for t, names in after]
+        added = [(t, n) for t, n in added if n]
+        mods = ", ".join(C.read_yaml(args.config).get("plugins") or []) or "(none)"
+        print(f"plug-ins of {args.config}: {mods}")
+        for title, names in added:
+            print(f"  {title} from plug-ins: {', '.join(names)}")
+        if not added:
+            print("  (they add no names, or were already imported)")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A config file looks like::
 
-    experiment: jacot_fig1          # a name in ntkexp.experiments.EXPERIMENTS
+    experiment: jacot_fig1          # an experiment kind (`ntkexp list`)
     seed: 0
     dtype: float32                  # float32 | float64 (float64 enables jax x64)
     device: auto                    # auto | cpu | gpu
@@ -26,23 +26,57 @@ over dataclasses: field types come from the annotations, bounds from
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import importlib
+import inspect
 import math
 import os
+import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Union
 
 import yaml
 
-from ntkexp.registry import RegistryError
+from ntkexp.activations import ACTIVATIONS
+from ntkexp.data import DATASETS, TARGETS, default_dim
+from ntkexp.kernels.tiling import parse_bytes
+from ntkexp.layers.registry import LayerSpecError
+from ntkexp.models import ARCHITECTURES
+from ntkexp.optim import OPTIMIZERS
+from ntkexp.registry import Registry, RegistryError
 
 
 class ConfigError(ValueError):
     """A user error in a config: one readable line naming the file and key path."""
+
+
+class SectionSchema(NamedTuple):
+    """What an experiment kind tells the config loader about itself.
+
+    Attributes:
+      params: frozen dataclass of the config's ``params:`` section.
+      check: optional ``RunConfig -> None`` raising :class:`ConfigError` for
+        settings the experiment cannot handle.
+    """
+
+    params: type
+    check: Callable[[Any], None] | None = None
+
+
+#: The ``params:`` schema of each experiment kind, keyed by its YAML name. The config
+#: loader knows no experiment: each one registers its schema here when it registers
+#: itself (``ntkexp.experiments.register_experiment``), and :func:`resolve` looks the
+#: config's ``experiment:`` up in it (or in the ``schemas`` it is handed).
+SECTION_SCHEMAS: Registry[SectionSchema] = Registry("experiment")
+
+
+def register_section_schema(name: str, params: type, check=None) -> SectionSchema:
+    """Register (or replace) the ``params:`` schema of the experiment kind ``name``."""
+    return SECTION_SCHEMAS.register(name, SectionSchema(params, check), overwrite=True)
 
 
 # --------------------------------------------------------------------------
@@ -269,7 +303,7 @@ class ModelConfig:
     activation_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     W_std: float = dataclasses.field(default=1.0, metadata={"min": 0})
     b_std: float = dataclasses.field(default=0.0, metadata={"min": 0})
-    parameterization: Literal["ntk", "standard"] = "ntk"
+    parameterization: Literal["ntk", "standard", "mup", "mean_field"] = "ntk"
     out_dim: int = dataclasses.field(default=1, metadata={"min": 1})
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     given: tuple[str, ...] = ()
@@ -281,8 +315,6 @@ class ModelConfig:
         raise AttributeError(f"model config has no key {name!r}")
 
     def check(self):
-        from ntkexp.models import ARCHITECTURES
-
         try:
             ARCHITECTURES.get(self.arch)
         except RegistryError as e:
@@ -296,8 +328,6 @@ class ModelConfig:
     def to_dict(self) -> dict:
         """The section as plain data, flat: ``arch``, ``width``, the common keys the
         architecture takes (or that were given) and the ``extra`` keys."""
-        from ntkexp.models import ARCHITECTURES
-
         try:
             accepted, _, open_kw = spec_fields(ARCHITECTURES.get(self.arch).make_spec)
         except RegistryError:  # a plugin not imported: keep every key
@@ -311,8 +341,6 @@ class ModelConfig:
 
     def spec(self, width: int):
         """The architecture's frozen spec (e.g. ``MLPSpec``) at one ``width``."""
-        from ntkexp.models import ARCHITECTURES
-
         arch = ARCHITECTURES.get(self.arch)
         accepted, _, open_kw = spec_fields(arch.make_spec)
         kw = {}
@@ -341,8 +369,6 @@ def spec_fields(make_spec) -> tuple[dict[str, Any], dict[str, Any], bool]:
       takes to its type (``Any`` where unknown), ``defaults`` the keywords with a
       default to that default, and ``open`` is True when it takes ``**kwargs``.
     """
-    import inspect
-
     if dataclasses.is_dataclass(make_spec) and isinstance(make_spec, type):
         try:
             hints = typing.get_type_hints(make_spec)
@@ -382,8 +408,6 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
       ConfigError: unknown architecture, a key the architecture does not take,
         a wrong type, or a value its spec rejects.
     """
-    from ntkexp.models import ARCHITECTURES
-
     where = _where(source, path)
     if data is None:
         data = {}
@@ -429,14 +453,10 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
     cfg = dataclasses.replace(cfg, extra=types.MappingProxyType(extra),
                               given=tuple(str(k) for k in data))
     if open_kw or "activation" in accepted:
-        from ntkexp.activations import ACTIVATIONS
-
         try:
             ACTIVATIONS.get(cfg.activation)
         except RegistryError as e:
             raise ConfigError(f"{_where(source, _join(path, 'activation'))}: {e}") from None
-    from ntkexp.layers.registry import LayerSpecError
-
     try:
         cfg.spec(cfg.widths[0])
     except LayerSpecError as e:  # a bad entry of a layer list: name its key path
@@ -454,13 +474,16 @@ class DataConfig:
 
     ``seed`` None means "derive from the top-level seed". ``angles`` (radians)
     places points on the unit circle for the ``circle`` dataset. ``path`` is the
-    ``.npz`` file of the ``npz`` dataset.
+    ``.npz`` file of the ``npz`` dataset; a relative path is read from the
+    config file's folder (:func:`resolve` makes it absolute). ``dim`` left out
+    follows the data set (:func:`ntkexp.data.default_dim`: digits 64, mnist1d
+    40, an ``npz`` file's feature count, else 2).
     """
 
     name: str = "gaussian"
     n_train: int = dataclasses.field(default=100, metadata={"min": 1})
     n_test: int = dataclasses.field(default=0, metadata={"min": 0})
-    dim: int = dataclasses.field(default=2, metadata={"min": 1})
+    dim: int | None = dataclasses.field(default=None, metadata={"min": 1})
     target: str = "product"
     noise: float = dataclasses.field(default=0.0, metadata={"min": 0})
     seed: int | None = None
@@ -468,9 +491,11 @@ class DataConfig:
     path: str | None = None
     classes: tuple[int, ...] | None = None
 
-    def check(self):
-        from ntkexp.data import DATASETS, TARGETS
+    def __post_init__(self):
+        if self.dim is None:
+            object.__setattr__(self, "dim", default_dim(self.name, self.path))
 
+    def check(self):
         for key, reg, name in (("name", DATASETS, self.name), ("target", TARGETS, self.target)):
             try:
                 reg.get(name)
@@ -481,7 +506,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training section. ``learning_rate`` may be a list (a sweep); ``inits`` is
-    the number of independent initialisations (seeds) per width."""
+    the number of independent initialisations (seeds) per width. ``lazy_alpha``
+    trains ``alpha (f(w) - f(w0))`` on the loss over ``alpha^2`` (Chizat et al.
+    2019, :mod:`ntkexp.lazy`); null: the plain model."""
 
     optimizer: str = "gd"
     optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -491,6 +518,7 @@ class TrainConfig:
     inits: int = dataclasses.field(default=1, metadata={"min": 1})
     batch_size: int | None = dataclasses.field(default=None, metadata={"min": 1})
     loss_reduction: Literal["mean", "sum"] = "mean"
+    lazy_alpha: float | None = dataclasses.field(default=None, metadata={"min_exclusive": 0.0})
 
     @property
     def learning_rates(self) -> tuple[float, ...]:
@@ -499,16 +527,51 @@ class TrainConfig:
 
     def check(self):
         try:
-            from ntkexp.optim import OPTIMIZERS
-        except ImportError:  # optim.py not there yet: only full-batch gd is available
-            if self.optimizer != "gd":
-                raise _bad("optimizer", f"unknown optimizer {self.optimizer!r}; known: gd") \
-                    from None
-            return
-        try:
-            OPTIMIZERS.get(self.optimizer)
+            build = OPTIMIZERS.get(self.optimizer)
         except RegistryError as e:
             raise _bad("optimizer", str(e)) from None
+        if self.optimizer == "gd" and self.batch_size is not None:
+            raise _bad("batch_size", f"optimizer 'gd' is full-batch gradient descent, but "
+                       f"batch_size is {self.batch_size}; use optimizer: sgd for mini-batches "
+                       "or drop batch_size")
+        _check_optimizer_options(build, self.optimizer, self.optimizer_options,
+                                 self.learning_rates[0])
+
+
+def _check_optimizer_options(build, name: str, options: Mapping, learning_rate: float) -> None:
+    """``optimizer_options`` against the optimizer's signature, then by building it once
+    (cheap: an optax transformation is two closures). Raises ``_bad`` errors."""
+    factory = getattr(build, "factory", build)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    named = [n for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and n not in ("learning_rate", "lr", "apply_fn")]  # apply_fn: train passes it
+    open_kw = not params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for key in options:
+        if key in ("learning_rate", "lr"):
+            raise _bad(f"optimizer_options.{key}", "the learning rate is set by "
+                       "train.learning_rate, not here")
+        if not open_kw and key not in named:
+            close = difflib.get_close_matches(str(key), named, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _bad(f"optimizer_options.{key}", f"unknown option of optimizer {name!r}"
+                       f"{hint}; its options: {', '.join(named) or '(none)'}")
+    try:
+        build(learning_rate=learning_rate, **{k: _thaw(v) for k, v in options.items()})
+    except (TypeError, ValueError) as e:
+        raise _bad("optimizer_options", f"optimizer {name!r} rejects them: "
+                   f"{' '.join(str(e).split())}") from None
+
+
+def _thaw(v):
+    if isinstance(v, Mapping):
+        return {k: _thaw(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,8 +605,6 @@ class KernelsSection:
     devices: Literal["default", "all"] = "default"
 
     def check(self):
-        from ntkexp.kernels.tiling import parse_bytes
-
         try:
             parse_bytes(self.memory_budget)
         except ValueError as e:
@@ -555,7 +616,7 @@ class RunConfig:
     """A whole, resolved config (presets and overrides already applied).
 
     Attributes:
-      experiment: name in ``ntkexp.experiments.EXPERIMENTS``.
+      experiment: name of an experiment kind (its schema in :data:`SECTION_SCHEMAS`).
       params: the experiment's own section, an instance of its ``Params`` class.
       source: the file it came from (not part of the config proper).
       preset: the preset that was applied, or None.
@@ -656,8 +717,6 @@ def import_plugins(names: Sequence[str], source: str = "") -> None:
     registers that is already taken) is one :class:`ConfigError` line naming
     the plugin and the config key.
     """
-    import sys
-
     for i, name in enumerate(names):
         where = _where(source, f"plugins[{i}]")
         if not isinstance(name, str) or not name:
@@ -681,7 +740,8 @@ def import_plugins(names: Sequence[str], source: str = "") -> None:
 
 
 def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
-            overrides: Sequence[str | tuple[str, Any]] = ()) -> RunConfig:
+            overrides: Sequence[str | tuple[str, Any]] = (),
+            schemas: Registry[SectionSchema] | None = None) -> RunConfig:
     """Apply ``preset`` then ``overrides`` to raw config ``data`` and validate it.
 
     Args:
@@ -689,14 +749,12 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
       source: the file name, for messages.
       preset: a name in ``data["presets"]`` or None.
       overrides: ``"a.b=value"`` strings (or ``(key, value)`` pairs), applied last.
+      schemas: the experiments' ``params:`` schemas by name (default
+        :data:`SECTION_SCHEMAS`, filled by ``ntkexp.experiments`` when imported).
 
     Returns:
       The frozen :class:`RunConfig`.
     """
-    import copy
-
-    from ntkexp.experiments import EXPERIMENTS
-
     data = copy.deepcopy(dict(data))
     for key in data:
         if key not in _TOP_KEYS:
@@ -731,17 +789,30 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
         raise ConfigError(f"{_where(source, 'plugins')}: expected a list of module names")
     import_plugins(plugins, source)
 
+    schemas = SECTION_SCHEMAS if schemas is None else schemas
+    if not len(schemas):
+        raise ConfigError(f"{_where(source, 'experiment')}: no experiment kinds are "
+                          "registered; import ntkexp.experiments (it registers the built-in "
+                          "ones) before loading a config, or pass schemas=")
     if "experiment" not in data:
         raise ConfigError(f"{_where(source, 'experiment')}: missing required key (one of: "
-                          f"{', '.join(EXPERIMENTS.names())})")
+                          f"{', '.join(schemas.names())})")
     name = data["experiment"]
     if not isinstance(name, str):
         raise ConfigError(f"{_where(source, 'experiment')}: expected a string, got {name!r}")
     try:
-        exp = EXPERIMENTS.get(name)
+        exp = schemas.get(name)
     except RegistryError as e:
         raise ConfigError(f"{_where(source, 'experiment')}: {e}") from None
 
+    dsec = data.get("data")
+    if isinstance(dsec, dict) and isinstance(dsec.get("path"), str) and dsec["path"] \
+            and not os.path.isabs(os.path.expanduser(dsec["path"])):
+        # a relative data file is read from the config's own folder, not the working one
+        base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+        dsec["path"] = os.path.normpath(os.path.join(base, dsec["path"]))
+    elif isinstance(dsec, dict) and isinstance(dsec.get("path"), str):
+        dsec["path"] = os.path.expanduser(dsec["path"])
     sections = {}
     sections["model"] = model_from_dict(data.get("model"), path="model", source=source)
     for key, cls in (("data", DataConfig), ("train", TrainConfig), ("params", exp.params)):
@@ -783,6 +854,8 @@ class _TopLevel:
 
 
 def load(path: str, *, preset: str | None = None,
-         overrides: Sequence[str | tuple[str, Any]] = ()) -> RunConfig:
+         overrides: Sequence[str | tuple[str, Any]] = (),
+         schemas: Registry[SectionSchema] | None = None) -> RunConfig:
     """Read, merge and validate the config file at ``path`` (see :func:`resolve`)."""
-    return resolve(read_yaml(path), source=path, preset=preset, overrides=overrides)
+    return resolve(read_yaml(path), source=path, preset=preset, overrides=overrides,
+                   schemas=schemas)

@@ -18,6 +18,10 @@ function ``(cfg: DataConfig, key, dtype) -> Dataset``. Built in:
   published set, on which the paper's baselines were measured).
 * ``npz``: a user file ``data.path`` with arrays ``x_train, y_train, x_test, y_test``.
 
+``data.dim`` left out follows the data set (:func:`default_dim`): 64 for
+``digits``, 40 for ``mnist1d``, the file's feature count for ``npz``, 2 for the
+synthetic sets; a ``dim`` given that the data set cannot have is an error.
+
 Targets (``data.target``) for the synthetic datasets: ``product`` (``x1 x2``,
 Jacot et al. 2018), ``first`` (``x1``), ``sum`` (``sum_i x_i``), ``normal``
 (independent ``N(0, 1)`` labels, Du et al. 2019), ``zero``. ``y`` is ``(n, 1)``.
@@ -100,6 +104,41 @@ def _normal(x, key):
 @register_target("zero")
 def _zero(x, key):
     return jnp.zeros((x.shape[0],), x.dtype)
+
+
+#: Feature counts of the built-in data sets whose inputs have a fixed size.
+FIXED_DIMS = {"digits": 64, "mnist1d": 40, "circle": 2}
+#: ``data.dim`` of the synthetic data sets when the config gives none.
+SYNTHETIC_DIM = 2
+
+
+def default_dim(name: str, path: str | None = None) -> int:
+    """``data.dim`` when the config leaves it out: the data set's own feature count.
+
+    Args:
+      name: the ``data.name``.
+      path: the ``.npz`` file of ``npz`` (its ``x_train`` gives the count).
+
+    Returns:
+      ``FIXED_DIMS[name]``; for ``npz`` the width of ``x_train`` in the file (2
+      when it cannot be read: loading the data then reports the file's problem);
+      else :data:`SYNTHETIC_DIM`. A plug-in data set with an attribute ``dim``
+      on its function gives that.
+    """
+    if name in FIXED_DIMS:
+        return FIXED_DIMS[name]
+    if name == "npz" and path:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                shape = z["x_train"].shape
+            if len(shape) == 2:
+                return int(shape[1])
+        except Exception:  # noqa: BLE001 - unreadable: load_dataset says why
+            pass
+        return SYNTHETIC_DIM
+    fn = DATASETS._items.get(name)
+    dim = getattr(fn, "dim", None)
+    return int(dim) if isinstance(dim, int) and dim > 0 else SYNTHETIC_DIM
 
 
 def _labels(cfg, x, key):
@@ -236,6 +275,21 @@ def _mnist1d(cfg, key, dtype) -> Dataset:
                    jnp.asarray(d["x_test"][:m], dtype), onehot(d["y_test"][:m]))
 
 
+def _npz_array(a, k: str, path: str, dtype):
+    """Array ``k`` of the file as a 2-d finite ``(n, features)`` array; clear DataError."""
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"data.path: {k} in {path!r} is not numeric ({a.dtype})")
+    if k.startswith("y") and a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise DataError(f"data.path: {k} in {path!r} must be 2-d (n, features), got shape "
+                        f"{a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise DataError(f"data.path: {k} in {path!r} contains NaN or inf")
+    return jnp.asarray(a, dtype)
+
+
 @register_dataset("npz")
 def _npz(cfg, key, dtype) -> Dataset:
     path = cfg.path
@@ -254,19 +308,7 @@ def _npz(cfg, key, dtype) -> Dataset:
     if missing:
         raise DataError(f"data.path: {path!r} lacks array(s) {', '.join(missing)}; it has "
                         f"{', '.join(sorted(arrays)) or 'none'}")
-    out = []
-    for k in names:
-        a = np.asarray(arrays[k])
-        if not np.issubdtype(a.dtype, np.number):
-            raise DataError(f"data.path: {k} in {path!r} is not numeric ({a.dtype})")
-        if k.startswith("y") and a.ndim == 1:
-            a = a[:, None]
-        if a.ndim != 2:
-            raise DataError(f"data.path: {k} in {path!r} must be 2-d (n, features), got shape "
-                            f"{a.shape}")
-        if not np.all(np.isfinite(a)):
-            raise DataError(f"data.path: {k} in {path!r} contains NaN or inf")
-        out.append(jnp.asarray(a, dtype))
+    out = [_npz_array(arrays[k], k, path, dtype) for k in names]
     xtr, ytr, xte, yte = out
     if xtr.shape[0] != ytr.shape[0] or xte.shape[0] != yte.shape[0]:
         raise DataError(f"data.path: {path!r} has mismatched numbers of inputs and targets "

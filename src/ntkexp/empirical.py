@@ -464,9 +464,87 @@ def _nparams(params) -> int:
     return int(sum(math.prod(jnp.shape(l)) for l in jax.tree_util.tree_leaves(params)))
 
 
+OUTPUTS = ("mean", "trace", "full")
+
+
+def require_finite(x, name: str = "x", *, who: str = "empirical_ntk") -> None:
+    """Raise ``ValueError`` (one line) if the concrete array ``x`` holds NaN or inf.
+
+    Traced arrays (inside ``jit``/``vmap``) are not checked: their values are not
+    known. ``ntkexp.training.train`` and :func:`empirical_ntk` call it on their
+    inputs, so NaN inputs are named as such instead of surfacing as a NaN kernel
+    or a "diverged: lower the learning rate" loss.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    a = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+        return
+    finite = np.isfinite(np.asarray(a))
+    if not finite.all():
+        bad = int(finite.size - finite.sum())
+        raise ValueError(f"{who}: {name} holds {bad} NaN or inf value(s) (of {finite.size}); "
+                         "clean the inputs first")
+
+
+def require_finite_inputs(x, y, probe_x=None) -> None:
+    """:func:`require_finite` on the inputs ``x``, targets ``y`` and ``probe_x`` of
+    ``ntkexp.training.train`` (its first line)."""
+    for name, a in (("x", x), ("y", y), ("probe_x", probe_x)):
+        if a is not None:
+            require_finite(a, name, who="train")
+
+
+def _auto_method(apply_fn, params, x1, n1: int, n2: int, o: int, *, full: bool,
+                 sym: bool) -> str:
+    """``method="auto"``: the structured map where the model has one, else the
+    cheaper of jvp / jacobian by :func:`generic_costs`."""
+    if has_structure(apply_fn):
+        return "structured"
+    F = forward_flops(apply_fn, params, x1.shape[1:], x1.dtype)
+    costs = generic_costs(F, _nparams(params), n1, n2, o, full=full, sym=sym)
+    return min(costs, key=costs.get)
+
+
+def _tiles(method: str, params, n1: int, n2: int, o: int, *, block_size: int | None,
+           sym: bool) -> tuple[int, int, int]:
+    """Tile sizes ``(m1, m2, chunk)`` of :func:`empirical_ntk` for ``method``."""
+    if method == "structured":
+        if block_size is not None:
+            return min(block_size, n1), min(block_size, n2), 1
+        if sym and n1 > _STRUCT_TILE:
+            k = -(-n1 // _STRUCT_TILE)
+            return -(-n1 // k), -(-n1 // k), 1
+        return n1, n2, 1
+    row_bytes = max(1, o * _nparams(params) * _itemsize(params))
+    default = max(1, _JAC_BUDGET // row_bytes)
+    if method == "jacobian":
+        m = block_size or default
+        return min(m, n1), min(m, n2), 1
+    # symmetric: 4 x 4 tiles, only the 10 upper ones computed (-37.5% work)
+    auto_m = -(-n1 // 4) if (sym and n1 >= 64) else n1
+    m1 = min(block_size or auto_m, n1)
+    m2 = min(block_size or n2, n2)
+    return m1, m2, max(1, min(default, m1 if sym else m2))
+
+
 def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
-                  block_size: int | None = None, trace_outputs: bool = True) -> Array:
+                  block_size: int | None = None, outputs: str | None = None,
+                  trace_outputs: bool | None = None) -> Array:
     """Empirical NTK ``<df(x1)/dtheta, df(x2)/dtheta>`` of a finite network.
+
+    Output reduction (``outputs``), for a network with ``out`` outputs:
+
+    * ``"mean"`` (default): the per-output NTK ``(1/out) sum_a Theta_aa``,
+      ``(n1, n2)``: the convention of :func:`ntkexp.analytic_kernel`, whose NTK
+      is that of one output (at infinite width every output has the same
+      kernel and different outputs are uncorrelated), so the two compare
+      directly at any ``out``;
+    * ``"trace"``: ``sum_a Theta_aa``, ``(n1, n2)`` (``out`` times the mean);
+    * ``"full"``: the whole block ``Theta_ab(x1_i, x2_j)``, ``(n1, n2, out, out)``
+      (what natural-gradient descent needs).
+
+    For one output the three agree (up to the trailing ``(1, 1)`` of ``full``).
 
     Args:
       apply_fn: pure ``apply_fn(params, x) -> (n, out)`` (``ntkexp.functional``
@@ -483,29 +561,36 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
         (whole inputs for the structured method up to 1024 inputs, else
         about equal tiles of at most 1024, which measured fastest on CPU;
         Jacobian/tangent blocks of at most 512 MiB).
-      trace_outputs: if True return ``sum_a Theta_aa`` of shape ``(n1, n2)``;
-        else the full ``(n1, n2, out, out)`` kernel ``Theta_ab(x1_i, x2_j)``.
+      outputs: ``"mean"`` (None: the default), ``"trace"`` or ``"full"`` (above).
+      trace_outputs: the older switch: True is ``outputs="trace"``, False
+        ``outputs="full"`` (only when ``outputs`` is None).
 
     Returns:
-      ``(n1, n2)`` or ``(n1, n2, out, out)`` array in the dtype of the outputs.
+      ``(n1, n2)`` or (``"full"``) ``(n1, n2, out, out)`` in the dtype of the outputs.
 
     Raises:
-      ValueError: unknown method, bad ``block_size``, params that do not fit
-        ``apply_fn``, mismatched input shapes, or ``"structured"`` for a model
-        without dense-layer structure.
+      ValueError: unknown method or reduction, bad ``block_size``, params that do
+        not fit ``apply_fn``, mismatched input shapes, NaN/inf inputs, or
+        ``"structured"`` for a model without dense-layer structure.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if outputs is None:
+        outputs = "mean" if trace_outputs is None else ("trace" if trace_outputs else "full")
+    if outputs not in OUTPUTS:
+        raise ValueError(f"unknown outputs reduction {outputs!r}; known: {', '.join(OUTPUTS)}")
     block_size = _check_block(block_size)
     x1, x2 = _check_inputs(x1, x2)
+    require_finite(x1, "x1")
+    if x2 is not None:
+        require_finite(x2, "x2")
     params = _promote_params(params, x1, x2)
     out = _check_fit(apply_fn, params, x1)
     sym = x2 is None
     n1 = x1.shape[0]
     n2 = n1 if sym else x2.shape[0]
-    full = not trace_outputs
-    structured_ok = has_structure(apply_fn)
-    if method == "structured" and not structured_ok:
+    full = outputs == "full"
+    if method == "structured" and not has_structure(apply_fn):
         raise ValueError(
             f"method 'structured' needs a model that exposes its layer structure "
             f"(structure_features/structure_pair, e.g. a dense or conv layer composition), got "
@@ -513,38 +598,13 @@ def empirical_ntk(apply_fn, params, x1, x2=None, *, method: str = "auto",
         )
     o = out.shape[1]
     if method == "auto":
-        if structured_ok:
-            method = "structured"
-        else:
-            P = _nparams(params)
-            F = forward_flops(apply_fn, params, x1.shape[1:], x1.dtype)
-            costs = generic_costs(F, P, n1, n2, o, full=full, sym=sym)
-            method = min(costs, key=costs.get)
-    chunk = 1
-    if method == "structured":
-        if block_size is not None:
-            m1, m2 = min(block_size, n1), min(block_size, n2)
-        elif sym and n1 > _STRUCT_TILE:
-            k = -(-n1 // _STRUCT_TILE)
-            m1 = m2 = -(-n1 // k)
-        else:
-            m1, m2 = n1, n2
-    else:
-        row_bytes = max(1, o * _nparams(params) * _itemsize(params))
-        default = max(1, _JAC_BUDGET // row_bytes)
-        if method == "jacobian":
-            m = block_size or default
-            m1, m2 = min(m, n1), min(m, n2)
-        else:
-            # symmetric: 4 x 4 tiles, only the 10 upper ones computed (-37.5% work)
-            auto_m = -(-n1 // 4) if (sym and n1 >= 64) else n1
-            m1 = min(block_size or auto_m, n1)
-            m2 = min(block_size or n2, n2)
-            chunk = max(1, min(default, m1 if sym else m2))
+        method = _auto_method(apply_fn, params, x1, n1, n2, o, full=full, sym=sym)
+    m1, m2, chunk = _tiles(method, params, n1, n2, o, block_size=block_size, sym=sym)
     if sym:
         m2 = m1
-    return _ntk_core(params, x1, x2, apply_fn=apply_fn, method=method,
-                     m1=int(m1), m2=int(m2), chunk=int(chunk), full=full)
+    K = _ntk_core(params, x1, x2, apply_fn=apply_fn, method=method,
+                  m1=int(m1), m2=int(m2), chunk=int(chunk), full=full)
+    return K / o if outputs == "mean" and o != 1 else K
 
 
 def _nngp_pair(a, b, same, *, w2, b2):
@@ -685,7 +745,7 @@ def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, wid
 
     def one(k):
         params = builder(k, width)[1]
-        ntk = empirical_ntk(apply_fn, params, x1, x2, method=method) / out_dim
+        ntk = empirical_ntk(apply_fn, params, x1, x2, method=method, outputs="mean")
         if mlp_like:
             nngp = empirical_nngp(apply_fn, params, x1, x2)
         else:

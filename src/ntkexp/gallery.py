@@ -11,7 +11,8 @@ A *record* is the summary of one finished run of one (config, preset), written t
 A *page* is generated: ``experiments/<page>/README.template.md`` holds the
 hand-written prose and placeholders ``{{ <config-stem>-<preset>.<key> }}`` or, with a
 Python format spec, ``{{ <config-stem>-<preset>.<key> :.3f }}``. ``<key>`` is a dotted
-path into the record's ``summary`` (dict keys, or list indices as integers); a path
+path into the record's ``summary`` (dict keys, which may hold dots or spaces, or list
+indices as integers); a path
 that is not in the summary but names a top-level record field (``commit``,
 ``wall_s``, ``date``, ``preset``, ...) reads that field. :func:`render_page` fills the
 template from the records and appends a provenance table (one row per record used:
@@ -54,7 +55,7 @@ RECORD_KEYS = ("config", "preset", "commit", "dirty", "ntkexp_version", "wall_s"
                "machine", "date", "summary")
 
 # {{ name.path }} or {{ name.path :spec }}; name = <config-stem>-<preset>
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_\-]+)\.([^\s:{}]+)\s*(?::([^{}]*?))?\s*\}\}")
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_\-]+)\.([^:{}]+?)\s*(?::([^{}]*?))?\s*\}\}")
 
 
 class GalleryError(UserError):
@@ -166,22 +167,33 @@ def load_records(page_dir: str) -> dict[str, dict]:
 
 
 def lookup(rec: Mapping[str, Any], path: str) -> Any:
-    """The value at dotted ``path`` in ``rec['summary']`` (else a top-level field)."""
+    """The value at dotted ``path`` in ``rec['summary']`` (else a top-level field).
+
+    A key that itself holds dots or spaces (``"0.25"``, ``"exp(u - 1)"``) is matched
+    whole: at each level the longest run of dot-separated parts that is a key wins.
+    """
     parts = path.split(".")
-    for base in (rec.get("summary"), rec):
-        cur: Any = base
-        ok = True
-        for p in parts:
-            if isinstance(cur, Mapping) and p in cur:
-                cur = cur[p]
-            elif isinstance(cur, Sequence) and not isinstance(cur, str) and (
-                    p.lstrip("-").isdigit() and -len(cur) <= int(p) < len(cur)):
-                cur = cur[int(p)]
-            else:
-                ok = False
-                break
-        if ok:
+
+    def walk(cur: Any, i: int) -> Any:
+        if i == len(parts):
             return cur
+        for j in range(len(parts), i, -1):
+            p = ".".join(parts[i:j])
+            if isinstance(cur, Mapping) and p in cur:
+                try:
+                    return walk(cur[p], j)
+                except KeyError:
+                    continue
+            if (j == i + 1 and isinstance(cur, Sequence) and not isinstance(cur, str)
+                    and p.lstrip("-").isdigit() and -len(cur) <= int(p) < len(cur)):
+                return walk(cur[int(p)], j)
+        raise KeyError(path)
+
+    for base in (rec.get("summary"), rec):
+        try:
+            return walk(base, 0)
+        except KeyError:
+            pass
     raise KeyError(path)
 
 

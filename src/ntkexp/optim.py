@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ntkexp.empirical import empirical_ntk
 from ntkexp.registry import Registry
 
 Array = jax.Array
@@ -283,8 +284,6 @@ def ngd_dual_coefficients(apply_fn, params, x, residual, *, damping=DEFAULT_DAMP
 
 def _dual_coefficients(apply_fn, params, x, residual, *, damping, method, probs):
     """:func:`ngd_dual_coefficients` and the jitter it added (a 0-d array, 0 if none)."""
-    from ntkexp.empirical import empirical_ntk
-
     out = jax.eval_shape(lambda p: apply_fn(p, x), params)
     n, k = out.shape[0], (out.shape[1] if len(out.shape) > 1 else 1)
     r = jnp.asarray(residual).reshape(n, k)
@@ -292,7 +291,7 @@ def _dual_coefficients(apply_fn, params, x, residual, *, damping, method, probs)
         G = empirical_ntk(apply_fn, params, x, method=method)
         G = G.reshape(n, n)
     else:
-        G4 = empirical_ntk(apply_fn, params, x, method=method, trace_outputs=False)  # (n, n, k, k)
+        G4 = empirical_ntk(apply_fn, params, x, method=method, outputs="full")  # (n, n, k, k)
         G = jnp.transpose(G4, (0, 2, 1, 3)).reshape(n * k, n * k)
     G = 0.5 * (G + G.T)
     rhs = r.reshape(n * k).astype(G.dtype)
@@ -359,6 +358,7 @@ def _opt_builder(factory):
             raise
 
     build.__doc__ = factory.__doc__
+    build.factory = factory  # its signature names the options (config checks them)
     return build
 
 

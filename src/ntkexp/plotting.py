@@ -1,6 +1,10 @@
 """Figures drawn from saved run outputs only (``results.npz``, ``summary.json``,
 ``config.yaml``), so ``ntkexp plot RUN_DIR`` redraws without recomputing.
 
+This module knows no experiment: it holds the drawing functions, each taking the
+saved arrays, and an experiment's ``plot`` calls them; the runner's
+:func:`ntkexp.experiments.plot_run` finds the run's experiment and calls its ``plot``.
+
 Matplotlib runs on the non-interactive Agg backend. Each figure is saved as
 ``figures/<name>.png`` and ``.pdf``, each file written atomically.
 """
@@ -33,49 +37,6 @@ def save_figure(fig, fig_dir: str, name: str, *, dpi: int = 150) -> list[str]:
         paths.append(path)
     plt.close(fig)
     return paths
-
-
-def plot_run(run_dir: str, *, require_complete: bool = True) -> list[str]:
-    """Redraw every figure of the run in ``run_dir`` from its saved files.
-
-    Args:
-      run_dir: a folder written by ``ntkexp run``.
-      require_complete: also require ``meta.json`` (written last by a finished run).
-
-    Returns:
-      The paths of the figure files written under ``run_dir/figures``.
-
-    Raises:
-      UserError: the folder is missing or holds no finished run.
-    """
-    import yaml
-
-    from ntkexp.config import import_plugins
-    from ntkexp.experiments import EXPERIMENTS, UserError
-    from ntkexp.registry import RegistryError
-
-    if not os.path.isdir(run_dir):
-        raise UserError(f"{run_dir}: no such run folder")
-    need = ["config.yaml", "results.npz", "summary.json"]
-    if require_complete:
-        need.append("meta.json")
-    missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
-    if missing:
-        raise UserError(f"{run_dir}: not a finished run (missing {', '.join(missing)}); "
-                        "run `ntkexp run` again to complete it")
-    try:
-        with open(os.path.join(run_dir, "config.yaml")) as f:
-            cfg = yaml.safe_load(f)
-        summary = io.read_json(os.path.join(run_dir, "summary.json"))
-        results = io.read_npz(os.path.join(run_dir, "results.npz"))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing problem
-        raise UserError(f"{run_dir}: cannot read the saved results ({e})") from None
-    import_plugins(cfg.get("plugins") or [], os.path.join(run_dir, "config.yaml"))
-    try:
-        exp = EXPERIMENTS.get(cfg["experiment"])
-    except RegistryError as e:
-        raise UserError(f"{run_dir}: {e}") from None
-    return list(exp.plot(results, summary, cfg, os.path.join(run_dir, "figures")))
 
 
 def _widths_title(cfg: dict) -> str:

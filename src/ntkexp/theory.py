@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntkexp.kernels.tiling import _pad
+
 Array = jax.Array
 
 
@@ -222,8 +224,6 @@ def tile_operator(fn, x, *, args: tuple = (), tile_size: int = 256, leaf: str | 
     with the tile function ``fn(a, b, *args)`` (see :mod:`ntkexp.kernels.tiling`), so
     memory is one tile, never ``n x n``. ``leaf`` picks the output of a ``Kernel``
     (``"nngp"``/``"ntk"``) or a leaf index."""
-    from ntkexp.kernels.tiling import _pad
-
     xn = np.asarray(x)
     n = xn.shape[0]
     t = min(int(tile_size), n)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import needs_x64
 from ntkexp.empirical import empirical_ntk
-from ntkexp.kernels import analytic_kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
 
 ACTS = ["relu", "erf", "leaky_relu", "gelu", "abs"]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntkexp.kernels import analytic_kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 
 # Kernels computed outside this project (neural-tangents 0.6.5, then 50-digit mpmath

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import needs_x64
-from ntkexp.kernels import analytic_kernel, arora_ntk, c_sigma, du_gram, two_layer_relu_ntk_sphere
+from ntkexp.kernels import arora_ntk, c_sigma, du_gram, two_layer_relu_ntk_sphere
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 
 

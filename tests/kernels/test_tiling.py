@@ -18,16 +18,14 @@ import pytest
 from conftest import needs_x64
 from ntkexp.empirical import empirical_ntk
 from ntkexp.kernels.tiling import (
-    MonteCarloTiles,
     TilingError,
-    analytic_tiles,
-    empirical_tiles,
     parse_bytes,
     plan_tiles,
     tiled_kernel,
 )
 from ntkexp.models import ARCHITECTURES, MLPApply, MLPSpec, init_params
 from ntkexp.models.cnn import CNNSpec
+from ntkexp.tiles import MonteCarloTiles, analytic_tiles, empirical_tiles
 
 MLP = MLPSpec(depth=2, width=1, activation="relu", W_std=1.3, b_std=0.2)
 CNN = CNNSpec(depth=2, width=1, filter_size=3, activation="relu", W_std=1.4, b_std=0.1,
@@ -228,7 +226,8 @@ def test_processes_split_tiles_round_robin(tmp_path):
 SHARD_SCRIPT = r"""
 import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
-from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+from ntkexp.kernels.tiling import tiled_kernel
+from ntkexp.tiles import analytic_tiles
 from ntkexp.models import ARCHITECTURES, MLPSpec
 assert len(jax.devices()) == 4
 spec = MLPSpec(depth=2, width=1, activation="relu", W_std=1.3, b_std=0.2)

@@ -114,7 +114,8 @@ def test_hand_written_vjp_equals_autodiff(spec, in_dim, n, dtype, tol):
 
 @pytest.mark.parametrize("bad", [
     dict(depth=-1), dict(width=0), dict(depth=1.5), dict(activation="nope"),
-    dict(W_std=-1.0), dict(b_std=float("nan")), dict(parameterization="mup"), dict(out_dim=0),
+    dict(W_std=-1.0), dict(b_std=float("nan")), dict(parameterization="mupp"), dict(out_dim=0),
+    dict(parameterization="mean_field"),
 ])
 def test_bad_specs_raise_one_clear_error(bad):
     kw = {"depth": 2, "width": 4, **bad}

@@ -8,11 +8,10 @@ from flax import nnx
 
 from conftest import needs_x64, rel_err
 from ntkexp.empirical import empirical_ntk
-from ntkexp.kernels import analytic_kernel
-from ntkexp.kernels.resmlp import resmlp_kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.models.mlp import MLPSpec
 from ntkexp.models.registry import ARCHITECTURES
-from ntkexp.models.resmlp import ResMLP, ResMLPApply, ResMLPSpec, init_resmlp_params
+from ntkexp.models.resmlp import ResMLP, ResMLPApply, ResMLPSpec, init_resmlp_params, resmlp_kernel
 
 
 def _x(key, n, d, dtype):

@@ -48,10 +48,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
-from ntkexp import io
-from ntkexp.experiments import distributed, provenance, streams
-from ntkexp.registry import Registry
+from ntkexp import config, io
+from ntkexp.experiments import checks, distributed, provenance, streams
+from ntkexp.registry import Registry, RegistryError
 
 
 class UserError(ValueError):
@@ -107,6 +108,9 @@ class Experiment:
       main_figure: file stem of the figure printed at the end of a run.
       per_init: ``compute_unit`` takes one initialisation at a time (the
         older interface; no ensemble speed-up).
+      readout_from_targets: the experiment sizes the network's output itself
+        from the targets (one output per class), so the check pass does not
+        compare the config's ``model.out_dim`` with the target columns.
     """
 
     name: str
@@ -119,13 +123,35 @@ class Experiment:
     check: Callable[[Any], None] | None = None
     main_figure: str = "figure"
     per_init: bool = False
+    readout_from_targets: bool = False
 
 
-EXPERIMENTS: Registry[Experiment] = Registry("experiment")
+class _ExperimentRegistry(Registry):
+    """The experiment registry; it keeps the config loader's schema registry
+    (:data:`ntkexp.config.SECTION_SCHEMAS`) in step, so config knows no experiment."""
+
+    def register(self, name, obj=None, *, overwrite=False):
+        def _add(o):
+            self._base_register(name, o, overwrite=overwrite)
+            config.register_section_schema(name, o.params, o.check)
+            return o
+
+        return _add if obj is None else _add(obj)
+
+    def _base_register(self, name, obj, *, overwrite):
+        return super().register(name, obj, overwrite=overwrite)
+
+    def unregister(self, name):
+        super().unregister(name)
+        config.SECTION_SCHEMAS.unregister(name)
+
+
+EXPERIMENTS: Registry[Experiment] = _ExperimentRegistry("experiment")
 
 
 def register_experiment(exp: Experiment, *, overwrite: bool = False) -> Experiment:
-    """Register ``exp`` under ``exp.name`` (plugins call this from their own module)."""
+    """Register ``exp`` under ``exp.name`` (plugins call this from their own module);
+    its ``params`` schema and ``check`` go to the config loader."""
     return EXPERIMENTS.register(exp.name, exp, overwrite=overwrite)
 
 
@@ -411,69 +437,9 @@ def chunk_inits(inits: tuple[int, ...], nbytes: int, budget: int | None = None
     return [inits[i:i + size] for i in range(0, len(inits), size)]
 
 
-def _owner(obj) -> str:
-    """The module that defined ``obj`` (to name a plugin in an error)."""
-    mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
-    return str(mod) if mod else "an unknown module"
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-def check_architecture(cfg, data, dtype) -> None:
-    """Check that a plug-in architecture's builder gives a usable network.
-
-    Built-in architectures (defined under ``ntkexp.``) are trusted. For a plug-in
-    one, build the network at the smallest width and evaluate (abstractly, with
-    ``jax.eval_shape``: nothing is compiled) ``apply_fn`` on two training inputs;
-    it must return ``(apply_fn, params)`` with floating-point parameter leaves
-    and an output of shape ``(2, out_dim)`` (the spec's ``out_dim``, else the
-    number of target columns).
-
-    Raises:
-      UserError: one line naming the architecture and the plug-in module.
-    """
-    from ntkexp.models import ARCHITECTURES
-
-    arch = ARCHITECTURES.get(cfg.model.arch)
-    owner = _owner(arch.build)
-    if owner == "ntkexp" or owner.startswith("ntkexp."):
-        return
-    who = f"architecture {arch.name!r} of plugin {owner!r}"
-    width = min(cfg.model.widths)
-    x = data.x_train[:2]
-    try:
-        built = arch.build(cfg.model.spec(width), data.x_train.shape[1], init_key(cfg, 0),
-                           dtype)
-    except Exception as e:  # noqa: BLE001 - any failure of user code is one line
-        raise UserError(f"{who}: its builder failed at width {width}: {_first_line(e)}") \
-            from None
-    if not (isinstance(built, tuple) and len(built) == 2 and callable(built[0])):
-        raise UserError(f"{who}: its builder must return (apply_fn, params), got "
-                        f"{type(built).__name__}")
-    apply_fn, params = built
-    leaves = jax.tree_util.tree_leaves(params)
-    bad = [leaf for leaf in leaves
-           if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.inexact)]
-    if not leaves or bad:
-        raise UserError(f"{who}: params must be a pytree of floating-point arrays, got "
-                        f"{'no leaves' if not leaves else type(bad[0]).__name__}")
-    try:
-        out = jax.eval_shape(apply_fn, params, x)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{who}: apply_fn(params, x) fails on inputs of shape "
-                        f"{tuple(x.shape)}: {_first_line(e)}") from None
-    # the spec's out_dim, else the number of target columns
-    want = getattr(cfg.model.spec(width), "out_dim", None) or data.y_train.shape[1]
-    shape = getattr(out, "shape", None)
-    if (not isinstance(out, jax.ShapeDtypeStruct) or len(shape) != 2
-            or shape[0] != x.shape[0] or shape[1] != want):
-        expected = f"({x.shape[0]}, {want})"
-        got = tuple(shape) if shape is not None else type(out).__name__
-        raise UserError(f"{who}: apply_fn(params, x) must return shape {expected} for "
-                        f"inputs of shape {tuple(x.shape)}, got {got}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -498,7 +464,9 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
     Args:
       cfg: a :class:`ntkexp.config.RunConfig`.
       workdir: the run folder (created; finished units in it are reused).
-      force: recompute every unit even if a cached one exists.
+      force: recompute every unit even if a cached one exists, and run into a
+        folder that holds another config's results
+        (:func:`ntkexp.experiments.checks.check_run_folder`).
       quiet: no progress bar.
       after_chunk: called with the :class:`Unit` of each computed chunk after
         its files are written (a hook for tests and drivers; may raise to stop).
@@ -514,20 +482,17 @@ def run(cfg, workdir: str, *, force: bool = False, quiet: bool = False,
         run folder this call created, with no finished unit in it, is removed),
         so no half-made run folder is left.
     """
-    from ntkexp.data import DataError, load_dataset
-
     t0 = time.time()
     exp = EXPERIMENTS.get(cfg.experiment)
+    checks.check_device(cfg)
     dtype, device = setup_runtime(cfg)
     src = f"{cfg.source}: " if cfg.source else ""
     with jax.default_device(device):
-        try:
-            data = load_dataset(cfg.data, data_key(cfg), dtype)
-        except DataError as e:
-            raise UserError(f"{src}{e}") from None
-        check_architecture(cfg, data, dtype)
+        # every check before any work (the same pass as `ntkexp validate`)
+        data = checks.preflight(cfg, exp, dtype).data
 
     cluster = distributed.current()
+    checks.check_run_folder(cfg, workdir, force)
     created = not os.path.exists(workdir)
     written: list[str] = []
     try:
@@ -585,8 +550,6 @@ def _run_in(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0
 
 def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, t0, cluster,
               after_chunk, key) -> RunResult:
-    from ntkexp.plotting import plot_run
-
     main = cluster.is_main
     code = provenance.code_fingerprint(tuple(cfg.plugins))
     units = make_units(cfg)
@@ -599,6 +562,9 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(workdir, stale))
             _remove_temporaries(workdir)
+            # which config this folder's units belong to, from the start (a rerun of
+            # another config is refused unless --force: checks.check_run_folder)
+            io.write_yaml(os.path.join(workdir, "config.yaml"), cfg.to_dict())
         # process 0 reads the cache and tells the others what is left
         outs: dict[tuple[int, int, int], Any] = {}
         todo_keys = None
@@ -695,3 +661,40 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
     io.write_json(os.path.join(workdir, "meta.json"), meta)
     distributed.finish(cluster, key)
     return RunResult(workdir, tuple(figures), main_fig, summary, n_todo, len(paths) - n_todo)
+
+
+def plot_run(run_dir: str, *, require_complete: bool = True) -> list[str]:
+    """Redraw every figure of the run in ``run_dir`` from its saved files.
+
+    Args:
+      run_dir: a folder written by ``ntkexp run``.
+      require_complete: also require ``meta.json`` (written last by a finished run).
+
+    Returns:
+      The paths of the figure files written under ``run_dir/figures``.
+
+    Raises:
+      UserError: the folder is missing or holds no finished run.
+    """
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such run folder")
+    need = ["config.yaml", "results.npz", "summary.json"]
+    if require_complete:
+        need.append("meta.json")
+    missing = [f for f in need if not os.path.exists(os.path.join(run_dir, f))]
+    if missing:
+        raise UserError(f"{run_dir}: not a finished run (missing {', '.join(missing)}); "
+                        "run `ntkexp run` again to complete it")
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        summary = io.read_json(os.path.join(run_dir, "summary.json"))
+        results = io.read_npz(os.path.join(run_dir, "results.npz"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing problem
+        raise UserError(f"{run_dir}: cannot read the saved results ({e})") from None
+    config.import_plugins(cfg.get("plugins") or [], os.path.join(run_dir, "config.yaml"))
+    try:
+        exp = EXPERIMENTS.get(cfg["experiment"])
+    except RegistryError as e:
+        raise UserError(f"{run_dir}: {e}") from None
+    return list(exp.plot(results, summary, cfg, os.path.join(run_dir, "figures")))

@@ -242,7 +242,8 @@ def train_ensemble(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimiz
     keys = streams.keys(cfg.seed, "minibatch", unit.inits, run)
     callback, finish = progress_callback(progress, K)
     common = dict(steps=cfg.train.steps, loss_reduction=cfg.train.loss_reduction,
-                  batch_size=bs, record_steps=record_steps, probe_x=probe_x)
+                  batch_size=bs, record_steps=record_steps, probe_x=probe_x,
+                  lazy_alpha=cfg.train.lazy_alpha)
     if name in LINEAR_IN_LEARNING_RATE:
         opt = make_optimizer(cfg, None, name, options)
         res = train(apply_fn, params, x, y, optimizer=opt, key=keys, ensemble=True,

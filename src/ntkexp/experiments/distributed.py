@@ -13,27 +13,50 @@ command; :func:`ntkexp.experiments.base.run` then
    figures and ``meta.json``, which records the number of processes and which
    units each computed).
 
-Why the coordinator's key-value store and not collectives or shared files:
-the store comes with ``jax.distributed.initialize`` on every backend (no
-``gloo`` CPU collectives to switch on, no device buffers of equal shapes on
-every process), and it needs no file system shared between the machines. Values
-are split into 1 MiB pieces. Failures do not hang: a process whose unit raises
-publishes the error, and process 0 stops with it; a process that dies is
-noticed by the runtime's heartbeats. ``docs/distributed.md`` says how to launch.
+How: JAX's public multi-host API (:mod:`jax.experimental.multihost_utils`):
+every exchange is one :func:`~jax.experimental.multihost_utils.process_allgather`
+of a status header (ok / failed, payload length) and then of the payloads
+padded to the longest (CPU cross-process collectives, gloo, are on by default
+since JAX 0.5.1), so the protocol is a fixed sequence of collectives that
+every process joins: the todo broadcast, the outputs (send on the others,
+receive on process 0) and the finish. Failures do not hang: a process whose
+unit raises joins the next collective with its error as the payload, the
+others raise :class:`PeerError` with that line (and join no further
+collective); a process that dies breaks the collective (its sockets close),
+which the others report as one :class:`PeerError` line. ``docs/distributed.md``
+says how to launch.
 """
 
 from __future__ import annotations
 
+import atexit
 import io as _io
 import json
-import time
+import os
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-_PIECE = 1 << 20
-_WAIT_S = 30 * 24 * 3600.0  # no deadline of our own: the runtime's heartbeats catch dead peers
+_OK, _FAILED = 0, 1
+_state = {"aborted": False}  # a peer's failure is known here: join no further collective
+
+
+def _hard_exit() -> None:
+    """At exit after an aborted run: skip ``jax.distributed``'s shutdown barrier, which
+    would wait for a dead peer (registered after JAX's own handler, so it runs first)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _abort() -> None:
+    if not _state["aborted"]:
+        _state["aborted"] = True
+        atexit.register(_hard_exit)
 
 
 class Cluster(NamedTuple):
@@ -41,7 +64,6 @@ class Cluster(NamedTuple):
 
     index: int
     count: int
-    client: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -50,17 +72,43 @@ class Cluster(NamedTuple):
 
 def current() -> Cluster:
     """The running cluster (``count == 1`` when ``jax.distributed`` is not initialised)."""
-    import jax
-
     if not jax.distributed.is_initialized():
         return Cluster(0, 1)
-    from jax._src import distributed as _dist
+    _state["aborted"] = False
+    return Cluster(jax.process_index(), jax.process_count())
 
-    client = getattr(_dist.global_state, "client", None)
-    count, index = jax.process_count(), jax.process_index()
-    if count > 1 and client is None:
-        raise RuntimeError("jax.distributed is initialised but has no key-value client")
-    return Cluster(index, count, client)
+
+class PeerError(RuntimeError):
+    """Another process of the run failed (or died); the message says which and why."""
+
+
+def _allgather(a: np.ndarray) -> np.ndarray:
+    try:
+        return np.asarray(multihost_utils.process_allgather(a))
+    except Exception as e:  # noqa: BLE001 - a peer died: the collective breaks
+        _abort()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PeerError(f"lost contact with another process ({first[:200]})") from None
+
+
+def _exchange(cluster: Cluster, status: int, blob: bytes) -> list[bytes]:
+    """Every process's payload, ``[blob of process p]``; one status + one data allgather.
+
+    Raises:
+      PeerError: another process joined with a failure (its message) or died.
+    """
+    head = np.array([status, len(blob)], np.int32)
+    heads = _allgather(head).reshape(cluster.count, 2)
+    n = max(1, int(heads[:, 1].max()))
+    buf = np.zeros(n, np.uint8)
+    buf[:len(blob)] = np.frombuffer(blob, np.uint8)
+    data = _allgather(buf).reshape(cluster.count, n)
+    out = [data[p, :int(heads[p, 1])].tobytes() for p in range(cluster.count)]
+    for p in range(cluster.count):
+        if p != cluster.index and int(heads[p, 0]) == _FAILED:
+            _abort()
+            raise PeerError(f"process {p} failed: {out[p].decode(errors='replace')}")
+    return out
 
 
 def assign(work: Sequence[float], count: int) -> list[int]:
@@ -78,35 +126,12 @@ def assign(work: Sequence[float], count: int) -> list[int]:
     return owner
 
 
-def _put(client, key: str, blob: bytes) -> None:
-    pieces = [blob[i:i + _PIECE] for i in range(0, len(blob), _PIECE)] or [b""]
-    for i, piece in enumerate(pieces):
-        client.key_value_set_bytes(f"{key}/{i}", piece)
-    client.key_value_set(f"{key}/n", str(len(pieces)))
-
-
-def _get(client, key: str, timeout_s: float = _WAIT_S) -> bytes:
-    ms = int(min(timeout_s, 2**31 // 1000 - 1) * 1000)
-    n = int(client.blocking_key_value_get(f"{key}/n", ms))
-    return b"".join(client.blocking_key_value_get_bytes(f"{key}/{i}", ms) for i in range(n))
-
-
-def _try_get(client, key: str) -> bytes | None:
-    try:
-        n = client.key_value_try_get(f"{key}/n")
-    except Exception:  # noqa: BLE001 - not there (yet)
-        return None
-    return b"".join(client.key_value_try_get_bytes(f"{key}/{i}") for i in range(int(n)))
-
-
-def broadcast(cluster: Cluster, key: str, obj: Any = None) -> Any:
-    """Process 0's ``obj`` (JSON-able) on every process."""
+def broadcast(cluster: Cluster, key: str, obj=None):
+    """Process 0's ``obj`` (JSON-able) on every process (``key`` names the step)."""
     if cluster.count == 1:
         return obj
-    if cluster.is_main:
-        _put(cluster.client, key, json.dumps(obj).encode())
-        return obj
-    return json.loads(_get(cluster.client, key).decode())
+    blob = json.dumps(obj).encode() if cluster.is_main else b""
+    return json.loads(_exchange(cluster, _OK, blob)[0].decode())
 
 
 def _pack(outs: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
@@ -128,76 +153,43 @@ def _unpack(blob: bytes) -> dict[str, dict[str, np.ndarray]]:
 
 
 def send(cluster: Cluster, key: str, outs: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """Publish this process's outputs ``{unit file name: {field: array}}`` for process 0."""
-    _put(cluster.client, f"{key}/done/{cluster.index}", _pack(outs))
+    """Hand this process's outputs ``{unit file name: {field: array}}`` to process 0
+    (the collective process 0 joins with :func:`receive`)."""
+    _exchange(cluster, _OK, _pack(outs))
 
 
 def send_failure(cluster: Cluster, key: str, message: str) -> None:
-    """Tell process 0 that this process failed (so it stops instead of waiting)."""
-    import contextlib
+    """Join the next collective with this failure (so the others stop instead of waiting);
+    nothing when the failure came from a peer (it joins no further collective)."""
+    if cluster.count == 1 or _state["aborted"]:
+        return
+    _abort()
+    try:
+        _exchange(cluster, _FAILED, message.encode())
+    except PeerError:
+        pass
 
-    with contextlib.suppress(Exception):
-        cluster.client.key_value_set(f"{key}/failed/{cluster.index}", message)
 
-
-class PeerError(RuntimeError):
-    """Another process of the run failed; the message is its error."""
-
-
-def receive(cluster: Cluster, key: str, poll_s: float = 0.05,
-            timeout_s: float = _WAIT_S) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+def receive(cluster: Cluster, key: str) -> dict[int, dict[str, dict[str, np.ndarray]]]:
     """On process 0: every other process's outputs, ``{process: {unit file: fields}}``.
 
     Raises:
-      PeerError: a process published a failure.
-      TimeoutError: nothing came within ``timeout_s``.
+      PeerError: a process failed or died.
     """
-    pending = set(range(1, cluster.count))
-    got: dict[int, dict] = {}
-    t0 = time.monotonic()
-    while pending:
-        for p in sorted(pending):
-            blob = _try_get(cluster.client, f"{key}/done/{p}")
-            if blob is not None:
-                got[p] = _unpack(blob)
-                pending.discard(p)
-                continue
-            try:
-                msg = cluster.client.key_value_try_get(f"{key}/failed/{p}")
-            except Exception:  # noqa: BLE001 - no failure published
-                msg = None
-            if msg is not None:
-                raise PeerError(f"process {p} failed: {msg}")
-        if pending:
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"processes {sorted(pending)} sent nothing in {timeout_s} s")
-            time.sleep(poll_s)
-    return got
+    blobs = _exchange(cluster, _OK, b"")
+    return {p: _unpack(blobs[p]) for p in range(1, cluster.count)}
 
 
 def finish(cluster: Cluster, key: str) -> None:
     """On process 0: tell the others the run folder is written."""
     if cluster.count > 1:
-        cluster.client.key_value_set(f"{key}/finished", "1")
+        _exchange(cluster, _OK, b"")
 
 
-def wait_for_main(cluster: Cluster, key: str, poll_s: float = 0.05,
-                  timeout_s: float = _WAIT_S) -> None:
+def wait_for_main(cluster: Cluster, key: str) -> None:
     """On processes other than 0: wait until process 0 has finished (or failed).
 
     Raises:
-      PeerError: process 0 published a failure.
+      PeerError: process 0 failed or died.
     """
-    t0 = time.monotonic()
-    while True:
-        for name, fail in (("finished", False), ("failed/0", True)):
-            try:
-                msg = cluster.client.key_value_try_get(f"{key}/{name}")
-            except Exception:  # noqa: BLE001 - not there yet
-                continue
-            if fail:
-                raise PeerError(f"process 0 failed: {msg}")
-            return
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"process 0 did not finish in {timeout_s} s")
-        time.sleep(poll_s)
+    _exchange(cluster, _OK, b"")

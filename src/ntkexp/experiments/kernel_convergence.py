@@ -88,7 +88,7 @@ def _ntk(cfg, apply_fn, params, x):
     out = []
     for i in range(K):
         p = take_member(params, i)
-        k = empirical_ntk(apply_fn, p, x, method=cfg.params.method)
+        k = empirical_ntk(apply_fn, p, x, method=cfg.params.method, outputs="trace")
         out.append(np.asarray(k / apply_fn(p, x[:1]).shape[1]))
     return np.stack(out)
 

@@ -320,4 +320,4 @@ EXPERIMENT = register_experiment(Experiment(
     name=NAME, params=Params, compute_unit=compute_unit, reference=reference,
     summarize=summarize, plot=plot,
     unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg)),
-    check=check, main_figure=NAME))
+    check=check, main_figure=NAME, readout_from_targets=True))

@@ -39,6 +39,7 @@ part (:func:`reference`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Literal
 
@@ -58,6 +59,9 @@ from ntkexp.experiments.common import (
 )
 
 NAME = "mnist1d_finite_vs_infinite"
+TRAINED_STREAM = "mnist1d_trained"  # initialisations of the trained Adam baselines
+if TRAINED_STREAM not in streams.PURPOSES:
+    streams.register_purpose(TRAINED_STREAM, 2301)
 ARCHS = ("mlp", "cnn")
 
 #: Published MNIST-1D test accuracies (Greydanus 2020, arXiv:2011.14439; the table
@@ -83,6 +87,22 @@ class Params:
         ``absolute``.
       kernel_ridge: ridge of kernel regression relative to the mean diagonal.
       power_iterations: for ``lambda_max``.
+      rigour: also run the controls of :func:`rigour` (ridge by k-fold CV on the
+        training split, shuffled labels, duplicate check, data-set seeds, trained
+        Adam/cross-entropy baselines) into ``summary['rigour']``.
+      rigour_architectures: the kernels of the controls (independent of
+        ``architectures``, which sets the GD nets and the main kernels).
+      ridge_grid: relative ridges (times the mean diagonal) the CV chooses from.
+      cv_folds: folds of the cross-validation (training split only).
+      data_seeds: ``make_dataset`` seeds of the kernel seed spread.
+      cnn_n_train: training signals for the CNN-GAP kernels and trained CNNs of the
+        controls (the first ones of each seed's split; default all ``data.n_train``).
+      trained_mlp_widths, trained_cnn_channels: widths of the trained baselines.
+      trained_seeds: initialisations per trained width (data seed 42).
+      trained_epochs, trained_patience: Adam epochs at most; early stopping after
+        ``patience`` epochs without a better validation accuracy (best restored).
+      trained_lr, trained_batch_size, trained_val_fraction: Adam step, mini-batch,
+        and the validation share carved from the training split.
     """
 
     architectures: tuple[Literal["mlp", "cnn"], ...] = dataclasses.field(
@@ -98,6 +118,20 @@ class Params:
     lr_mode: Literal["relative", "absolute"] = "relative"
     kernel_ridge: float = dataclasses.field(default=1e-6, metadata={"min": 0.0})
     power_iterations: int = dataclasses.field(default=30, metadata={"min": 1})
+    rigour: bool = False
+    rigour_architectures: tuple[Literal["mlp", "cnn"], ...] = ("mlp", "cnn")
+    ridge_grid: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    cv_folds: int = dataclasses.field(default=5, metadata={"min": 2})
+    data_seeds: tuple[int, ...] = (42,)
+    cnn_n_train: int | None = None
+    trained_mlp_widths: tuple[int, ...] = ()
+    trained_cnn_channels: tuple[int, ...] = ()
+    trained_seeds: int = dataclasses.field(default=2, metadata={"min": 1})
+    trained_epochs: int = dataclasses.field(default=300, metadata={"min": 1})
+    trained_patience: int = dataclasses.field(default=30, metadata={"min": 1})
+    trained_lr: float = dataclasses.field(default=1e-3, metadata={"min": 0.0})
+    trained_batch_size: int = dataclasses.field(default=128, metadata={"min": 1})
+    trained_val_fraction: float = dataclasses.field(default=0.1, metadata={"min": 0.0})
 
 
 def arch_spec(cfg, arch: str, width: int, parameterization: str = "ntk", out_dim: int = 1):
@@ -196,7 +230,8 @@ def compute_unit(cfg, data, member, progress):
 
 def limit_kernels(cfg, arch: str, x, x_test, *, quiet: bool = True):
     """``(train Kernel (n, n), test Kernel (m, n))`` of ``arch`` in tiles."""
-    from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+    from ntkexp.kernels.tiling import tiled_kernel
+    from ntkexp.tiles import analytic_tiles
 
     fn = analytic_tiles(arch_spec(cfg, arch, 1), arch)
     kc = cfg.kernels
@@ -240,10 +275,246 @@ def reference(cfg, data):
         res[f"{arch}_ntk_t_out"] = np.asarray(mean, np.float64)
         res[f"{arch}_ntk_t_eta"] = np.asarray(eta)
         del ktr, kte
+    if cfg.params.rigour:
+        res["rigour_json"] = np.asarray(json.dumps(rigour(cfg)))
     res["labels"] = np.asarray(task.labels_test)
     res["variants"] = np.asarray([variant_name(p, c) for p, c in variants(cfg)])
     res["archs"] = np.asarray(list(cfg.params.architectures))
     return res
+
+
+# --------------------------------------------------------------------------
+# Controls (params.rigour): CV ridge, shuffled labels, duplicates, seeds,
+# trained Adam / cross-entropy baselines with early stopping
+# --------------------------------------------------------------------------
+
+
+def _onehot(labels, k: int = 10) -> np.ndarray:
+    t = np.full((len(labels), k), -0.1)
+    t[np.arange(len(labels)), np.asarray(labels, np.int64)] = 0.9
+    return t
+
+
+class _EigenRidge:
+    """Kernel ridge regression at many ridges from one eigendecomposition.
+
+    ``K = V diag(s) V^T``; the predictions at ridge ``r`` are
+    ``Kt V diag(1 / (s + r)) V^T Y`` (the same as ``Kt (K + r I)^-1 Y``).
+    """
+
+    def __init__(self, K, Y):
+        s, V = np.linalg.eigh(np.asarray(K, np.float64))
+        self.s, self.V = s, V
+        self.VtY = V.T @ np.asarray(Y, np.float64)
+
+    def predict(self, Kt, r: float):
+        return (np.asarray(Kt, np.float64) @ self.V) @ (self.VtY / (self.s + r)[:, None])
+
+
+def cv_ridge(K, labels, grid, folds: int, seed: int = 0) -> dict:
+    """Choose the ridge of kernel regression by ``folds``-fold cross-validation on the
+    training kernel ``K (n, n)`` with labels ``(n,)`` only (one-hot 0.9 / -0.1 targets).
+
+    ``grid``: ridges relative to ``mean(diag K)``. Returns ``{"ridge": best relative
+    ridge, "cv_accuracy": {ridge: mean validation accuracy}}``; ties go to the larger
+    ridge.
+    """
+    K = np.asarray(K, np.float64)
+    labels = np.asarray(labels)
+    n = K.shape[0]
+    scale = float(np.mean(np.diag(K)))
+    perm = np.random.default_rng(seed).permutation(n)
+    acc = np.zeros(len(grid))
+    for f in range(folds):
+        va = perm[f::folds]
+        tr = np.setdiff1d(perm, va)
+        er = _EigenRidge(K[np.ix_(tr, tr)], _onehot(labels[tr]))
+        Kt = K[np.ix_(va, tr)]
+        for i, r in enumerate(grid):
+            acc[i] += _accuracy(er.predict(Kt, r * scale), labels[va]) / folds
+    best = max(range(len(grid)), key=lambda i: (round(acc[i], 12), grid[i]))
+    return {"ridge": float(grid[best]),
+            "cv_accuracy": {f"{r:.0e}": float(a) for r, a in zip(grid, acc, strict=True)}}
+
+
+def duplicates(x, x_test, tol: float = 1e-6) -> dict:
+    """Nearest training signal of each test signal: how many test signals duplicate a
+    training one (Euclidean distance ``<= tol * rms(x)``), and the smallest distance
+    relative to the median nearest-neighbour distance."""
+    x = np.asarray(x, np.float64)
+    xt = np.asarray(x_test, np.float64)
+    d2 = (np.sum(xt**2, 1)[:, None] + np.sum(x**2, 1)[None] - 2 * xt @ x.T)
+    nn = np.sqrt(np.maximum(d2.min(1), 0.0))
+    scale = float(np.sqrt(np.mean(x**2)) * np.sqrt(x.shape[1]))
+    return {"duplicates": int(np.sum(nn <= tol * scale)),
+            "min_nn_distance_rel": float(nn.min() / np.median(nn)),
+            "exact_duplicates": int(sum(1 for row in xt if np.any(np.all(x == row, 1))))}
+
+
+def kernel_controls(ktr, kte, labels, labels_test, grid, folds: int, seed: int) -> dict:
+    """For each of NNGP and NTK: CV ridge (training split only), test accuracy at it,
+    test accuracy over the whole grid (for the record, not for choosing), and the
+    shuffled-label control (training labels permuted, CV-chosen ridge)."""
+    out = {}
+    for name in ("nngp", "ntk"):
+        K, Kt = np.asarray(getattr(ktr, name)), np.asarray(getattr(kte, name))
+        cv = cv_ridge(K, labels, grid, folds, seed)
+        scale = float(np.mean(np.diag(K)))
+        er = _EigenRidge(K, _onehot(labels))
+        test = {f"{r:.0e}": _accuracy(er.predict(Kt, r * scale), labels_test) for r in grid}
+        shuf = np.random.default_rng(seed + 1).permutation(np.asarray(labels))
+        er_s = _EigenRidge(K, _onehot(shuf))
+        out[name] = {"cv_ridge": cv["ridge"], "cv_accuracy": cv["cv_accuracy"],
+                     "test_accuracy": test[f"{cv['ridge']:.0e}"], "test_accuracy_by_ridge": test,
+                     "shuffled_test_accuracy": _accuracy(er_s.predict(Kt, cv["ridge"] * scale),
+                                                         labels_test)}
+    return out
+
+
+def train_converged(cfg, arch: str, width: int, x, labels, x_test, labels_test, seed: int
+                    ) -> dict:
+    """A finite net trained to convergence: Adam on the softmax cross-entropy,
+    mini-batches, at most ``params.trained_epochs`` epochs, early stopping on a
+    validation split carved from the training split (``trained_val_fraction``): stops
+    after ``trained_patience`` epochs without a better validation accuracy and restores
+    the best parameters. Same architecture as the kernels (:func:`arch_spec`, 10
+    outputs, NTK parameterization). Returns test/validation accuracy, best epoch."""
+    import jax.numpy as jnp
+    import optax
+
+    from ntkexp.models import ARCHITECTURES
+
+    p = cfg.params
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+    perm = rng.permutation(n)
+    n_val = max(1, int(round(p.trained_val_fraction * n)))
+    va, tr = perm[:n_val], perm[n_val:]
+    X, Y = jnp.asarray(x[tr], jnp.float32), jnp.asarray(labels[tr], jnp.int32)
+    Xv, Yv = jnp.asarray(x[va], jnp.float32), np.asarray(labels[va])
+    Xt = jnp.asarray(x_test, jnp.float32)
+    spec = arch_spec(cfg, arch, width, "ntk", 10)
+    key = streams.key(cfg.seed, TRAINED_STREAM, seed, width, ARCHS.index(arch))
+    apply_fn, params = ARCHITECTURES.get(arch).build(spec, x.shape[1], key, jnp.float32)
+    opt = optax.adam(p.trained_lr)
+    state = opt.init(params)
+
+    def loss_fn(prm, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(prm, xb), yb).mean()
+
+    @jax.jit
+    def epoch(prm, st, order):
+        bs = min(p.trained_batch_size, order.shape[0])
+        nb = order.shape[0] // bs
+
+        def body(i, carry):
+            prm, st = carry
+            idx = jax.lax.dynamic_slice(order, (i * bs,), (bs,))
+            g = jax.grad(loss_fn)(prm, X[idx], Y[idx])
+            upd, st = opt.update(g, st, prm)
+            return optax.apply_updates(prm, upd), st
+
+        return jax.lax.fori_loop(0, nb, body, (prm, st))
+
+    predict = jax.jit(apply_fn)
+    best, best_params, best_epoch, since = -1.0, params, 0, 0
+    ep = 0
+    for ep in range(1, p.trained_epochs + 1):
+        params, state = epoch(params, state, jnp.asarray(rng.permutation(len(tr)), jnp.int32))
+        acc = _accuracy(predict(params, Xv), Yv)
+        if acc > best:
+            best, best_params, best_epoch, since = acc, params, ep, 0
+        else:
+            since += 1
+            if since >= p.trained_patience:
+                break
+    train_acc = _accuracy(predict(best_params, X), np.asarray(Y))
+    return {"test_accuracy": _accuracy(predict(best_params, Xt), labels_test),
+            "val_accuracy": best, "train_accuracy": train_acc, "best_epoch": best_epoch,
+            "epochs_run": ep, "n_train": int(len(tr)), "n_val": int(n_val)}
+
+
+def rigour(cfg, *, log=None) -> dict:
+    """The controls behind the MNIST-1D claims (``summary['rigour']``).
+
+    For each data-set seed of ``params.data_seeds`` (``make_dataset`` seed): the
+    duplicate check, and for the MLP kernels (``data.n_train`` signals) and the CNN-GAP
+    kernels (``params.cnn_n_train`` signals, default the same) :func:`kernel_controls`
+    (ridge by k-fold CV on the training split, test accuracy at it, shuffled labels).
+    Mean and sample standard deviation over the seeds. Then the trained finite
+    baselines (:func:`train_converged`) on seed 42: the MLP at
+    ``trained_mlp_widths`` and the CNN-GAP at ``trained_cnn_channels``, each on the
+    kernels' training set, ``trained_seeds`` initialisations each.
+    """
+    from ntkexp.data import mnist1d_arrays
+    from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+
+    p = cfg.params
+    n, m = int(cfg.data.n_train), int(cfg.data.n_test)
+    sizes = {"mlp": n, "cnn": min(n, p.cnn_n_train or n)}
+    per_seed = {}
+    for seed in p.data_seeds:
+        d = mnist1d_arrays(seed)
+        x, y, xt, yt = d["x"][:n], d["y"][:n], d["x_test"][:m], d["y_test"][:m]
+        entry = {"duplicates": duplicates(x, xt)}
+        for arch in p.rigour_architectures:
+            k = sizes[arch]
+            fn = analytic_tiles(arch_spec(cfg, arch, 1), arch)
+            ktr = tiled_kernel(fn, x[:k].astype(np.float64), None,
+                               memory_budget=cfg.kernels.memory_budget, quiet=True)
+            kte = tiled_kernel(fn, xt.astype(np.float64), x[:k].astype(np.float64),
+                               memory_budget=cfg.kernels.memory_budget, quiet=True)
+            entry[arch] = {"n_train": k, **kernel_controls(ktr, kte, y[:k], yt, p.ridge_grid,
+                                                           p.cv_folds, seed)}
+            if log:
+                log(f"rigour seed {seed} {arch}: " + ", ".join(
+                    f"{q} {entry[arch][q]['test_accuracy']:.3f}" for q in ("nngp", "ntk")))
+        per_seed[str(seed)] = entry
+    spread = {}
+    for arch in p.rigour_architectures:
+        for q in ("nngp", "ntk"):
+            for field in ("test_accuracy", "shuffled_test_accuracy"):
+                v = np.array([per_seed[str(s)][arch][q][field] for s in p.data_seeds])
+                spread[f"{arch}_{q}_{field}"] = {
+                    "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "min": float(v.min()), "max": float(v.max()), "seeds": len(v)}
+    trained = {}
+    d = mnist1d_arrays(42)
+    for arch, widths in (("mlp", p.trained_mlp_widths), ("cnn", p.trained_cnn_channels)):
+        k = sizes.get(arch, n)
+        for w in widths:
+            runs = [train_converged(cfg, arch, int(w), d["x"][:k], d["y"][:k], d["x_test"][:m],
+                                    d["y_test"][:m], s) for s in range(p.trained_seeds)]
+            acc = np.array([r["test_accuracy"] for r in runs])
+            trained[f"{arch}_{int(w)}"] = {
+                "arch": arch, "width": int(w), "n_train": k, "runs": runs,
+                "test_accuracy_mean": float(acc.mean()),
+                "test_accuracy_sd": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "best_epoch_max": int(max(r["best_epoch"] for r in runs)),
+                "epochs_run_max": int(max(r["epochs_run"] for r in runs))}
+            if log:
+                log(f"trained {arch} {w}: {acc.mean():.3f}")
+    comparison = {}
+    if "cnn" in p.rigour_architectures and p.trained_cnn_channels and 42 in p.data_seeds:
+        best_net = max((v for v in trained.values() if v["arch"] == "cnn"),
+                       key=lambda v: v["test_accuracy_mean"])
+        for q in ("nngp", "ntk"):
+            kacc = per_seed["42"]["cnn"][q]["test_accuracy"]
+            comparison[f"cnn_{q}_minus_best_trained_cnn"] = float(
+                kacc - best_net["test_accuracy_mean"])
+        comparison["best_trained_cnn"] = f"cnn_{best_net['width']}"
+        comparison["best_trained_cnn_accuracy"] = best_net["test_accuracy_mean"]
+        comparison["best_trained_cnn_sd"] = best_net["test_accuracy_sd"]
+    if "mlp" in p.rigour_architectures and p.trained_mlp_widths and 42 in p.data_seeds:
+        best_net = max((v for v in trained.values() if v["arch"] == "mlp"),
+                       key=lambda v: v["test_accuracy_mean"])
+        for q in ("nngp", "ntk"):
+            comparison[f"mlp_{q}_minus_best_trained_mlp"] = float(
+                per_seed["42"]["mlp"][q]["test_accuracy"] - best_net["test_accuracy_mean"])
+        comparison["best_trained_mlp_accuracy"] = best_net["test_accuracy_mean"]
+    return {"per_seed": per_seed, "seed_spread": spread, "trained": trained,
+            "comparison": comparison, "ridge_grid": list(p.ridge_grid), "cv_folds": p.cv_folds,
+            "data_seeds": list(p.data_seeds), "n_train": sizes, "n_test": m}
 
 
 # --------------------------------------------------------------------------
@@ -304,6 +575,8 @@ def summarize(cfg, results):
         "kernels": kernels,
         "kernel_diagnostics": diagnostics,
         "per_width": per_width,
+        "rigour": (json.loads(str(np.asarray(results["limit_rigour_json"])))
+                   if "limit_rigour_json" in results else None),
         "published": PUBLISHED,
         "published_source": PUBLISHED_SOURCE,
         "table": table,
@@ -394,7 +667,7 @@ EXPERIMENT = register_experiment(Experiment(
     summarize=summarize, plot=plot,
     unit_work=lambda cfg: max(cfg.train.steps, 1) * len(variants(cfg))
     * len(cfg.params.architectures),
-    check=check, main_figure=NAME, per_init=True))
+    check=check, main_figure=NAME, per_init=True, readout_from_targets=True))
 
 __all__ = ["NAME", "PUBLISHED", "arch_spec", "compute_unit", "limit_kernels", "reference",
            "train_variant"]

@@ -1,6 +1,17 @@
-"""Infinite-width kernels: analytic recursion, closed forms, quadrature, special cases, spectra."""
+"""Infinite-width kernels as pure maths over arrays: dual maps, the MLP recursion, the
+conv-stack map, quadrature, special cases, spectra, tiling.
 
-from ntkexp.kernels.analytic import analytic_kernel, diag_variances, dual_method, nngp_diagonal
+This package imports no layer, model, experiment, config or CLI module; the public
+``analytic_kernel(net_or_spec, ...)`` is :func:`ntkexp.models.analytic.analytic_kernel`
+(``nx.analytic_kernel``)."""
+
+from ntkexp.kernels.analytic import (
+    MLPKernelSpec,
+    diag_variances,
+    dual_method,
+    mlp_kernel,
+    nngp_diagonal,
+)
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import NumericalDual, hermite_coefficients, numerical_dual
 from ntkexp.kernels.special import (
@@ -20,8 +31,8 @@ from ntkexp.kernels.spectra import (
 
 __all__ = [
     "Kernel",
+    "MLPKernelSpec",
     "NumericalDual",
-    "analytic_kernel",
     "arora_ntk",
     "c_sigma",
     "diag_variances",
@@ -31,6 +42,7 @@ __all__ = [
     "gauss_jacobi",
     "hermite_coefficients",
     "lipschitz_constant_prop9",
+    "mlp_kernel",
     "mercer_eigenvalues",
     "nngp_diagonal",
     "numerical_dual",

@@ -1,4 +1,12 @@
-"""Analytic infinite-width NNGP and NTK of an MLP (any activation).
+"""The fused MLP recursion: infinite-width NNGP and NTK of a dense stack (any activation).
+
+Pure maths over arrays and plain hyperparameters (:class:`MLPKernelSpec`; any
+object with the same attributes, such as :class:`ntkexp.models.mlp.MLPSpec`,
+works too): this module imports no layer or model. It is the optimisation the
+layer-by-layer map (:func:`ntkexp.layers.composition_kernel`) picks for a plain
+``[dense, act] * depth + [dense]`` stack (the rule table in
+:mod:`ntkexp.layers.fused`); the public entry point for a spec or a layer
+composition is :func:`ntkexp.analytic_kernel`.
 
 Convention (``docs/conventions.md``; Jacot et al. 2018, Theorem 1 and
 Proposition 1; Lee et al. 2019, eqs. 4-7), NTK parameterization::
@@ -39,6 +47,7 @@ each times the product of ``W_std^2 Tdot_l`` of the layers above::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -46,10 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ntkexp.activations import Activation, safe_sqrt
+from ntkexp.activations import Activation, get_activation, safe_sqrt
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import DEFAULT_DEGREE, DEFAULT_NODES, NumericalDual
-from ntkexp.models.mlp import MLPSpec
 
 Array = jax.Array
 
@@ -57,6 +65,35 @@ DEFAULT_BLOCK = 256
 # Pairwise-difference angles are used automatically up to this input dimension.
 EXACT_ANGLE_MAX_DIM = 64
 _HP = lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPKernelSpec:
+    """Hyperparameters of the MLP recursion (hashable: a static jit argument).
+
+    Attributes:
+      depth: hidden layers (>= 0); width: the hidden width (used by the standard
+        parameterization's NTK only); W_std, b_std: weight and bias multipliers;
+      parameterization: ``"ntk"`` or ``"standard"``; activation, activation_params:
+        a registered activation name and its parameters (a tuple of pairs), so
+        that equal hyperparameters hash equal and reuse one compiled program.
+    """
+
+    depth: int
+    W_std: float
+    b_std: float
+    activation: str = "relu"
+    activation_params: tuple = ()
+    parameterization: str = "ntk"
+    width: int = 1
+
+    @property
+    def act(self) -> Activation:
+        return get_activation(self.activation, dict(self.activation_params))
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_std > 0
 
 
 def dual_method(act: Activation) -> str:
@@ -68,7 +105,7 @@ def dual_method(act: Activation) -> str:
     return "numerical"
 
 
-def diag_variances(spec: MLPSpec, x: Array, *, degree: int = DEFAULT_DEGREE,
+def diag_variances(spec: MLPKernelSpec, x: Array, *, degree: int = DEFAULT_DEGREE,
                    nodes: int = DEFAULT_NODES) -> list[Array]:
     """Pre-activation variances ``nngp_h(x, x)`` for ``h = 1 .. depth + 1``.
 
@@ -97,7 +134,7 @@ def diag_variances(spec: MLPSpec, x: Array, *, degree: int = DEFAULT_DEGREE,
     return out
 
 
-def _features(spec: MLPSpec, x: Array, qs: list[Array]) -> tuple[Array, ...]:
+def _features(spec: MLPKernelSpec, x: Array, qs: list[Array]) -> tuple[Array, ...]:
     """Per-point quantities a tile needs (all with leading axis ``n``), computed once.
 
     Angular activations: ``(x, u, r, rq, irq)`` with ``u = x / |x|`` (0 for
@@ -140,7 +177,7 @@ def _first_gaps(u1, u2, g, exact: bool):
     return jnp.maximum(2 - 2 * cos, 0.0), jnp.maximum(2 + 2 * cos, 0.0)
 
 
-def _angular_layers(spec: MLPSpec, f1, f2, g: Array, ntk: Array, exact: bool):
+def _angular_layers(spec: MLPKernelSpec, f1, f2, g: Array, ntk: Array, exact: bool):
     """Relu-family recursion on one tile (``phi = sigma u + delta |u|``), exact at the edges.
 
     State per pair: ``ntk`` and the *signed smaller gap* ``sig``: with
@@ -207,7 +244,7 @@ def _angular_layers(spec: MLPSpec, f1, f2, g: Array, ntk: Array, exact: bool):
     return c, w2 * Jdot * ntk + top
 
 
-def _tile(spec: MLPSpec, f1, f2, exact: bool, degree: int, nodes: int):
+def _tile(spec: MLPKernelSpec, f1, f2, exact: bool, degree: int, nodes: int):
     """:func:`_features` of ``B1``, ``B2`` points -> ``(nngp, ntk)``, each ``(B1, B2)``."""
     act = spec.act
     method = dual_method(act)
@@ -319,7 +356,8 @@ def _mirror_upper(k: Array) -> Array:
     return jnp.where(upper, k, k.T)
 
 
-def _as_inputs(x, name: str) -> Array:
+def check_inputs(x, name: str) -> Array:
+    """``x`` as a finite real ``(n, d)`` array (clear TypeError / ValueError otherwise)."""
     if isinstance(x, jax.core.Tracer):
         arr = x
     else:
@@ -342,18 +380,15 @@ def _as_inputs(x, name: str) -> Array:
     return arr
 
 
-def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None,
+def mlp_kernel(spec: MLPKernelSpec, x1, x2=None, *, block_size: int | None = None,
                     exact_angles: bool | None = None, degree: int = DEFAULT_DEGREE,
                     nodes: int = DEFAULT_NODES) -> Kernel:
-    """Infinite-width NNGP and NTK of the MLP ``spec`` (scalar output), or of any network.
+    """Infinite-width NNGP and NTK of the MLP ``spec`` (scalar output): the fused recursion.
 
     Args:
-      spec: an :class:`~ntkexp.models.mlp.MLPSpec` (NTK or standard
-        parameterization; see the module docstring for the conventions); or a
-        layer composition / :class:`~ntkexp.layers.Network` (its limit by
-        :func:`ntkexp.layers.composition_kernel`; the options below then do
-        not apply), or the spec of any registered architecture with an
-        analytic kernel.
+      spec: an :class:`MLPKernelSpec` or any object with its attributes (an
+        :class:`~ntkexp.models.mlp.MLPSpec`); NTK or standard parameterization
+        (see the module docstring for the conventions).
       x1: inputs ``(n1, d)``.
       x2: inputs ``(n2, d)``, or None for ``x2 = x1`` (the result is then
         exactly symmetric: upper tiles are computed and written mirrored).
@@ -374,18 +409,16 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
       ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the floating dtype of the inputs.
 
     Raises:
-      TypeError: ``spec`` is not an MLPSpec, or inputs are not real arrays.
+      TypeError: inputs are not real arrays.
       ValueError: inputs of the wrong rank or mismatched dimension, empty, or
         containing NaN/inf; a bad ``block_size``.
     """
-    if not isinstance(spec, MLPSpec):
-        return _other_kernel(spec, x1, x2)
     sym = x2 is None
-    x1 = _as_inputs(x1, "x1")
+    x1 = check_inputs(x1, "x1")
     if sym:
         x2 = x1
     else:
-        x2 = _as_inputs(x2, "x2")
+        x2 = check_inputs(x2, "x2")
         if x2.shape[1] != x1.shape[1]:
             raise ValueError(
                 f"x1 and x2 must have the same input dimension, got {x1.shape[1]} and {x2.shape[1]}"
@@ -403,27 +436,12 @@ def analytic_kernel(spec: MLPSpec, x1, x2=None, *, block_size: int | None = None
     return _kernel(spec, x1, x2, sym, int(block_size), bool(exact_angles), degree, int(nodes))
 
 
-def _other_kernel(net, x1, x2) -> Kernel:
-    """A layer composition, a :class:`~ntkexp.layers.Network` or a registered spec."""
-    from ntkexp.layers.base import Layer
-    from ntkexp.layers.network import Network, composition_kernel
-    from ntkexp.models.registry import architecture_of
-
-    if isinstance(net, (Layer, Network)):
-        return composition_kernel(net, x1, x2)
-    arch = architecture_of(net)
-    if arch is not None and arch.analytic is not None:
-        return arch.analytic(net, x1, x2)
-    raise TypeError(
-        "analytic_kernel needs an MLPSpec, a layer composition (ntkexp.layers) or the spec "
-        f"of a registered architecture with an analytic kernel, got {type(net).__name__}")
-
-
-def nngp_diagonal(spec: MLPSpec, x) -> Array:
+def nngp_diagonal(spec: MLPKernelSpec, x) -> Array:
     """``nngp(x_i, x_i)`` of the output, ``(n,)`` (cheap: no pairs)."""
-    x = _as_inputs(x, "x")
+    x = check_inputs(x, "x")
     return diag_variances(spec, x)[-1]
 
 
-__all__ = ["analytic_kernel", "diag_variances", "dual_method", "nngp_diagonal"]
+__all__ = ["MLPKernelSpec", "check_inputs", "diag_variances", "dual_method", "mlp_kernel",
+           "nngp_diagonal"]
 

@@ -2,8 +2,8 @@
 
 The fused, memory-lean kernel map behind ``arch: cnn`` and behind any layer
 composition of the form ``[conv, act] * depth + [global_avg_pool | flatten,
-dense]`` (:func:`ntkexp.layers.conv.conv_stack_of`). It takes plain
-hyperparameters and arrays, so it imports no model.
+dense]`` (the ``conv_stack`` rule of :mod:`ntkexp.layers.fused`). It takes
+plain hyperparameters and arrays, so it imports no layer or model.
 
 Recursion (Arora et al. 2019, "On exact computation with an infinitely wide
 neural net", section 4 and appendix B, with ``c_sigma = W_std^2`` and biases;
@@ -174,6 +174,8 @@ def self_variances(x: Array, depth: int, q: int, W_std: float, b_std: float,
         s = w2 * patch_mean(kk, q, k, 1) + b2
         out.append(s)
         kk = _diag_T(act, s)
+    if not out:  # depth 0: no hidden layer, nothing to stack
+        return jnp.zeros((0, *kk.shape), kk.dtype)
     return jnp.stack(out)
 
 
@@ -343,42 +345,5 @@ def conv_stack_kernel(x1: Array, x2: Array | None = None, *, depth: int, filter_
                    b_std=float(b_std), act=key, full=full, vec=readout == "vec", sym=sym)
 
 
-def cnn_kernel(spec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kernel:
-    """Infinite-width NNGP and NTK (CNTK) of the CNN ``spec``, for a scalar output.
-
-    Args:
-      spec: a :class:`~ntkexp.models.cnn.CNNSpec` (its ``width`` is ignored;
-        ``image_shape=None`` takes the shape from ``x1``).
-      x1: inputs ``(n1, *image_shape, C)`` or flat ``(n1, N * C)`` (channels last).
-      x2: inputs ``(n2, ...)`` like ``x1``, or None for ``x2 = x1`` (then the
-        result is exactly symmetric).
-      pixel_pairs: see :func:`conv_stack_kernel`.
-
-    Returns:
-      ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the dtype of the inputs.
-
-    Activations with no closed form (tanh, softplus, a user's own) go through
-    the layer composition ``spec.layers()`` and its Mehler fallback.
-    """
-    for attr in ("images", "layers", "act", "readout"):
-        if not hasattr(spec, attr):
-            raise TypeError(f"cnn_kernel needs a CNNSpec, got {type(spec).__name__}")
-    if pixel_pairs not in PIXEL_PAIRS:
-        raise ValueError(f"unknown pixel_pairs {pixel_pairs!r}; known: {', '.join(PIXEL_PAIRS)}")
-    if pixel_pairs == "diagonal" and spec.readout == "gap":
-        raise ValueError("the GAP readout needs all pixel pairs; use pixel_pairs='auto' or 'all'")
-    sym = x2 is None
-    x1 = spec.images(x1)
-    x2 = None if sym else spec.images(x2, x1.shape[-1])
-    act = spec.act
-    if act.angular is None and not act.has_closed_form:
-        from ntkexp.layers.network import composition_kernel
-
-        return composition_kernel(spec.layers(), x1, x2)
-    return conv_stack_kernel(x1, x2, depth=spec.depth, filter_size=spec.filter_size,
-                             W_std=spec.W_std, b_std=spec.b_std, activation=act,
-                             readout=spec.readout, pixel_pairs=pixel_pairs)
-
-
-__all__ = ["cnn_kernel", "conv_stack_kernel", "dual_key", "patch_mean", "relu_family_duals",
+__all__ = ["conv_stack_kernel", "dual_key", "patch_mean", "relu_family_duals",
            "self_variances"]

@@ -1,6 +1,6 @@
 """The seed's special cases of the infinite-width kernels, as named functions.
 
-Each is the general recursion of :func:`ntkexp.kernels.analytic.analytic_kernel`
+Each is the general recursion of :func:`ntkexp.kernels.analytic.mlp_kernel`
 in a particular setting (tested equal to it in ``tests/kernels/test_special.py``).
 """
 
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from ntkexp.activations import Activation, get_activation, safe_sqrt
-from ntkexp.kernels.analytic import analytic_kernel
+from ntkexp.kernels.analytic import MLPKernelSpec, mlp_kernel
+from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import gaussian_second_moment
-from ntkexp.models.mlp import MLPSpec
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ def arora_ntk(x1, x2=None, *, depth: int, activation: str | Activation = "relu")
 
     It is the NTK-parameterization recursion with ``W_std^2 = d`` on the first
     layer and ``W_std^2 = c_sigma`` after, ``b_std = 0``. Since
-    :class:`~ntkexp.models.mlp.MLPSpec` has one ``W_std``, this uses
+    :class:`~ntkexp.kernels.analytic.MLPKernelSpec` has one ``W_std``, this uses
     ``W_std^2 = c_sigma`` throughout and pre-scales the inputs by
     ``sqrt(d / c_sigma)`` (so ``c_sigma <x~, x~'> / d = <x, x'>``).
 
@@ -63,13 +63,15 @@ def arora_ntk(x1, x2=None, *, depth: int, activation: str | Activation = "relu")
     """
     name = activation.name if isinstance(activation, Activation) else activation
     cs = c_sigma(activation)
-    spec = MLPSpec(depth=depth, width=1, activation=name, W_std=math.sqrt(cs), b_std=0.0)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be an integer >= 0, got {depth!r}")
+    spec = MLPKernelSpec(depth=depth, W_std=math.sqrt(cs), b_std=0.0, activation=name)
     x1 = jnp.asarray(x1)
     if x1.ndim != 2:
         raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
     scale = math.sqrt(x1.shape[1] / cs)
     x2s = None if x2 is None else jnp.asarray(x2) * scale
-    return analytic_kernel(spec, x1 * scale, x2s).ntk
+    return mlp_kernel(spec, x1 * scale, x2s).ntk
 
 
 def _arccos(u: Array) -> Array:
@@ -114,14 +116,12 @@ def two_layer_relu_kernel(x1, x2=None, *, kappa: float = 1.0):
     Args:
       x1: ``(n1, d)``; x2: ``(n2, d)`` or None; kappa: first-layer weight scale.
     """
-    from ntkexp.kernels.base import Kernel
-
     x1 = jnp.asarray(x1)
     if x1.ndim != 2:
         raise ValueError(f"x1 must have shape (n, d), got {tuple(x1.shape)}")
-    spec = MLPSpec(depth=1, width=1, activation="relu", W_std=1.0, b_std=0.0)
+    spec = MLPKernelSpec(depth=1, W_std=1.0, b_std=0.0, activation="relu")
     s = math.sqrt(x1.shape[1])
-    k = analytic_kernel(spec, x1 * s, None if x2 is None else jnp.asarray(x2) * s)
+    k = mlp_kernel(spec, x1 * s, None if x2 is None else jnp.asarray(x2) * s)
     return Kernel(kappa**2 * k.nngp, k.ntk - k.nngp)
 
 

@@ -39,14 +39,13 @@ tile by tile:
 
 Example::
 
-    fn = analytic_tiles(spec)                      # any registered architecture
+    fn = ntkexp.tiles.analytic_tiles(spec)         # any registered architecture
     k = tiled_kernel(fn, x_train, memory_budget="1GiB")            # Kernel of (n, n)
     k_te = tiled_kernel(fn, x_test, x_train, out="runs/k_te.npy")  # resumable
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -59,6 +58,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from ntkexp import io
 
@@ -111,90 +112,8 @@ def _fmt(n: float) -> str:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class AnalyticTiles:
-    """``(a, b) -> Kernel``: the registered analytic limit of architecture ``arch``.
-
-    Goes through ``ntkexp.models.ARCHITECTURES[arch].analytic``, so any
-    architecture (or layer composition) that registers an analytic kernel is
-    tiled without code of its own.
-    """
-
-    arch: str
-    spec: Any
-
-    def __call__(self, a, b):
-        from ntkexp.models import ARCHITECTURES
-
-        return ARCHITECTURES.get(self.arch).analytic(self.spec, a, b)
-
-    @property
-    def fingerprint(self) -> str:
-        return f"analytic:{self.arch}:{self.spec!r}"
-
-
-def analytic_tiles(spec, arch: str | None = None) -> AnalyticTiles:
-    """The analytic tile function of ``spec``; ``arch`` defaults to the registered
-    architecture whose ``make_spec`` is ``type(spec)``.
-
-    Raises:
-      ValueError: no (or several) architectures with this spec type, or one without
-        an analytic kernel.
-    """
-    from ntkexp.models import ARCHITECTURES
-
-    if arch is None:
-        names = [n for n, a in ARCHITECTURES.items() if a.make_spec is type(spec)]
-        if len(names) != 1:
-            raise ValueError(f"cannot tell the architecture of a {type(spec).__name__} "
-                             f"(candidates: {names or 'none'}); pass arch=")
-        arch = names[0]
-    if ARCHITECTURES.get(arch).analytic is None:
-        raise ValueError(f"architecture {arch!r} has no analytic kernel")
-    return AnalyticTiles(arch, spec)
-
-
-@dataclasses.dataclass(frozen=True)
-class EmpiricalTiles:
-    """``(a, b, params) -> (t1, t2)`` empirical NTK (pass ``args=(params,)``)."""
-
-    apply_fn: Callable
-    method: str = "auto"
-
-    def __call__(self, a, b, params):
-        from ntkexp.empirical import empirical_ntk
-
-        return empirical_ntk(self.apply_fn, params, a, b, method=self.method)
-
-    @property
-    def fingerprint(self) -> str:
-        return f"empirical:{self.method}:{self.apply_fn!r}"
-
-
-def empirical_tiles(apply_fn, method: str = "auto") -> EmpiricalTiles:
-    """The empirical-NTK tile function of ``apply_fn``; call with ``args=(params,)``."""
-    return EmpiricalTiles(apply_fn, method)
-
-
-@dataclasses.dataclass(frozen=True)
-class MonteCarloTiles:
-    """``(a, b, key) -> Kernel``: :func:`ntkexp.empirical.monte_carlo_kernel` with the
-    same key for every tile (so every tile averages the same initialisations)."""
-
-    spec: Any
-    n_samples: int
-    width: int
-    method: str = "auto"
-
-    def __call__(self, a, b, key):
-        from ntkexp.empirical import monte_carlo_kernel
-
-        return monte_carlo_kernel(self.spec, a, b, key=key, n_samples=self.n_samples,
-                                  width=self.width, method=self.method)
-
-    @property
-    def fingerprint(self) -> str:
-        return f"monte_carlo:{self.spec!r}:{self.n_samples}:{self.width}:{self.method}"
+# The tile functions of an architecture's limit, an empirical NTK or a Monte Carlo
+# average live in ntkexp.tiles (they name models); this module tiles any function.
 
 
 # --------------------------------------------------------------------------
@@ -513,7 +432,8 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
       fn: tile function ``(a (t1, ...), b (t2, ...), *args) -> pytree`` of arrays
         with leading axes ``(t1, t2)`` (a ``Kernel``, an array...); row-separable
         (row i of a tile depends on ``a[i]`` only, column j on ``b[j]`` only).
-        Use :func:`analytic_tiles`, :func:`empirical_tiles` or :class:`MonteCarloTiles`
+        Use :func:`ntkexp.tiles.analytic_tiles`, :func:`ntkexp.tiles.empirical_tiles` or
+        :class:`ntkexp.tiles.MonteCarloTiles`
         for the built-in kernels.
       x1: ``(n1, ...)`` inputs. x2: ``(n2, ...)`` or None (``x2 = x1``: exactly
         symmetric result, upper tiles only).
@@ -547,8 +467,40 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
         another config/inputs (the file is left as it was).
     """
     sym = x2 is None
+    x1n, x2n = _tile_inputs(x1, x2)
+    devs = _resolve_devices(devices)
+    concurrent = len(devs) if all(d is None or d.platform == "cpu" for d in devs) else 1
+    pidx, pcount = processes if processes is not None else (jax.process_index(),
+                                                            jax.process_count())
+    if pcount > 1 and out is None:
+        raise ValueError("a multi-process tiled kernel needs out= (a path all processes share)")
+    plan = plan_tiles(fn, x1n, None if sym else x2n, args=args, memory_budget=memory_budget,
+                      tile_size=tile_size, stream=out is not None, concurrent=concurrent)
+    jfn = jax.jit(fn)
+    t = plan.tile
+    probe = jax.eval_shape(jfn, jax.ShapeDtypeStruct((min(t, plan.n1),) + x1n.shape[1:],
+                                                     x1n.dtype),
+                           jax.ShapeDtypeStruct((min(t, plan.n2),) + x2n.shape[1:], x2n.dtype),
+                           *args)
+    leaves, treedef = _out_leaves(probe)
+    if out is None:
+        sink = _MemorySink([np.zeros((plan.n1, plan.n2) + leaf.shape[2:], leaf.dtype)
+                            for leaf in leaves])
+    else:
+        sink, plan = _open_sink(out, fn, x1n, None if sym else x2n, args, fingerprint, plan,
+                                leaves, pidx, pcount, memory_budget, concurrent)
+    mine = [g for g in range(len(plan.tiles)) if g % pcount == pidx and g not in sink.done]
+    _run_tiles(jfn, plan, x1n, x2n, args, sym, devs, mine, sink, quiet=quiet,
+               on_tile=on_tile, desc=desc)
+    if out is None:
+        return jax.tree_util.tree_unflatten(treedef, sink.result)
+    return sink.close(treedef, len(plan.tiles))
+
+
+def _tile_inputs(x1, x2):
+    """``(x1, x2)`` as numpy arrays of one dtype (``x2 = x1`` when None); clear errors."""
     x1n = np.asarray(x1)
-    x2n = x1n if sym else np.asarray(x2)
+    x2n = x1n if x2 is None else np.asarray(x2)
     if x1n.ndim < 1 or x1n.shape[0] == 0 or x2n.shape[0] == 0:
         raise ValueError(f"inputs must have at least one row, got {x1n.shape} and {x2n.shape}")
     if x1n.shape[1:] != x2n.shape[1:]:
@@ -557,114 +509,124 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
     if x1n.dtype != x2n.dtype:
         dt = np.promote_types(x1n.dtype, x2n.dtype)
         x1n, x2n = x1n.astype(dt), x2n.astype(dt)
-    devs = _resolve_devices(devices)
-    cpu_shared = all(d is None or d.platform == "cpu" for d in devs)
-    pidx, pcount = processes if processes is not None else (jax.process_index(),
-                                                            jax.process_count())
-    real_multi = jax.process_count() > 1
-    if pcount > 1 and out is None:
-        raise ValueError("a multi-process tiled kernel needs out= (a path all processes share)")
-    plan = plan_tiles(fn, x1n, None if sym else x2n, args=args, memory_budget=memory_budget,
-                      tile_size=tile_size, stream=out is not None,
-                      concurrent=len(devs) if cpu_shared else 1)
-    jfn = jax.jit(fn)
-    t = plan.tile
-    n1, n2 = plan.n1, plan.n2
-    probe = jax.eval_shape(jfn, jax.ShapeDtypeStruct((min(t, n1),) + x1n.shape[1:], x1n.dtype),
-                           jax.ShapeDtypeStruct((min(t, n2),) + x2n.shape[1:], x2n.dtype),
-                           *args)
-    leaves, treedef = _out_leaves(probe)
+    return x1n, x2n
+
+
+def _write_tile(dest, leaf_vals, a, b, t1, t2, n1, n2, sym):
+    """Tile ``(a, b)`` into ``dest`` (and mirrored at ``(b, a)`` when symmetric)."""
+    ra, rb = min(t1, n1 - a), min(t2, n2 - b)
+    for k, v in enumerate(leaf_vals):
+        v = np.asarray(v)[:ra, :rb]
+        if sym and a == b:
+            v = _mirror(v)
+        dest[k][a:a + ra, b:b + rb] = v
+        if sym and a != b:
+            dest[k][b:b + rb, a:a + ra] = _transpose(v)
+
+
+class _MemorySink:
+    """Tiles into ``(n1, n2, ...)`` arrays held in memory."""
+
+    def __init__(self, result):
+        self.result = result
+        self.done: set = set()
+
+    def put(self, g, vals, a, b, geom):
+        _write_tile(self.result, vals, a, b, *geom)
+
+
+class _StreamSink:
+    """Tiles into the ``.npy`` memory map ``out``, each listed in the manifest once flushed."""
+
+    def __init__(self, out, shape, dtype, fp, t, sym, n_tiles, pidx, pcount, done):
+        self.out, self.shape, self.dtype, self.fp = out, shape, dtype, fp
+        self.t, self.sym, self.n_tiles, self.pidx, self.pcount = t, sym, n_tiles, pidx, pcount
+        self.done = done
+        self.mdone = sorted(g for g in done if g % pcount == pidx)
+        self.manifest = _manifest_path(out, pidx, pcount)
+
+    def put(self, g, vals, a, b, geom):
+        mm = np.load(self.out, mmap_mode="r+")
+        _write_tile(mm, vals, a, b, *geom)
+        mm.flush()
+        del mm
+        self.mdone.append(g)
+        io.write_json(self.manifest, _manifest(self.fp, self.shape, self.t, self.sym,
+                                               self.n_tiles, self.pidx, self.pcount,
+                                               self.mdone))
+
+    def close(self, treedef, n_tiles):
+        """The memory-mapped result, or None while other processes have tiles to do."""
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("ntkexp-tiling-done")
+        _, all_done = _open_stream(self.out, self.shape, self.dtype, self.fp, None)
+        if len(all_done) < n_tiles:
+            return None
+        mm = np.load(self.out, mmap_mode="r")
+        return jax.tree_util.tree_unflatten(treedef, [mm[k] for k in range(self.shape[0])])
+
+
+def _open_sink(out, fn, x1n, x2n, args, fingerprint, plan, leaves, pidx, pcount,
+               memory_budget, concurrent):
+    """``(stream sink, plan)``: the kernel file created or reopened (resuming on the grid
+    of its finished tiles when that fits the budget); process 0 creates it."""
+    sym = x2n is None
     trails = {tuple(leaf.shape[2:]) for leaf in leaves}
     dtypes = {np.dtype(leaf.dtype) for leaf in leaves}
+    if len(trails) != 1 or len(dtypes) != 1:
+        raise ValueError("streaming needs every output leaf to share shape and dtype")
+    shape = (len(leaves), plan.n1, plan.n2) + next(iter(trails))
+    dtype = next(iter(dtypes))
+    fp = fingerprint_of(fn, x1n, x2n, args, fingerprint)
+    real_multi = jax.process_count() > 1
+    if real_multi and pidx != 0:
+        multihost_utils.sync_global_devices("ntkexp-tiling-create")
+    first = _manifest(fp, shape, plan.tile, sym, len(plan.tiles), pidx, pcount, [])
+    stored_tile, done = _open_stream(out, shape, dtype, fp,
+                                     first if not real_multi or pidx == 0 else None)
+    if real_multi and pidx == 0:
+        multihost_utils.sync_global_devices("ntkexp-tiling-create")
+    if stored_tile is not None and stored_tile != plan.tile:
+        # resume on the grid of the finished tiles, if it fits the budget
+        try:
+            plan = plan_tiles(fn, x1n, x2n, args=args, memory_budget=memory_budget,
+                              tile_size=int(stored_tile), stream=True, concurrent=concurrent)
+        except TilingError as e:
+            raise TilingError(f"kernel file {out!r} was started with tiles of side "
+                              f"{stored_tile}, which do not fit this memory_budget ({e}); "
+                              "resume with a larger memory_budget (nothing was changed)") \
+                from None
+    return _StreamSink(out, shape, dtype, fp, plan.tile, sym, len(plan.tiles), pidx, pcount,
+                       done), plan
 
-    fp = done = None
-    if out is not None:
-        if len(trails) != 1 or len(dtypes) != 1:
-            raise ValueError("streaming needs every output leaf to share shape and dtype")
-        shape = (len(leaves), n1, n2) + next(iter(trails))
-        fp = fingerprint_of(fn, x1n, None if sym else x2n, args, fingerprint)
-        if real_multi and pidx != 0:
-            from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("ntkexp-tiling-create")
-        first = _manifest(fp, shape, t, sym, len(plan.tiles), pidx, pcount, [])
-        stored_tile, done = _open_stream(out, shape, next(iter(dtypes)), fp,
-                                         first if not real_multi or pidx == 0 else None)
-        if real_multi and pidx == 0:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("ntkexp-tiling-create")
-        if stored_tile is not None and stored_tile != t:
-            # resume on the grid of the finished tiles, if it fits the budget
-            try:
-                plan = plan_tiles(fn, x1n, None if sym else x2n, args=args,
-                                  memory_budget=memory_budget, tile_size=int(stored_tile),
-                                  stream=True, concurrent=len(devs) if cpu_shared else 1)
-            except TilingError as e:
-                raise TilingError(f"kernel file {out!r} was started with tiles of side "
-                                  f"{stored_tile}, which do not fit this memory_budget ({e}); "
-                                  "resume with a larger memory_budget (nothing was changed)") \
-                    from None
-            t = plan.tile
-        result = None
-    else:
-        done = set()
-        result = [np.zeros((n1, n2) + leaf.shape[2:], leaf.dtype) for leaf in leaves]
-
-    t1, t2 = min(t, n1), min(t, n2)
-    mine = [g for g in range(len(plan.tiles)) if g % pcount == pidx and g not in done]
-    mdone = sorted(g for g in done if g % pcount == pidx)
-    manifest = _manifest_path(out, pidx, pcount) if out is not None else None
-
-    def record(g):
-        mdone.append(g)
-        io.write_json(manifest, _manifest(fp, shape, t, sym, len(plan.tiles), pidx, pcount,
-                                          mdone))
-
-    def write(dest, leaf_vals, a, b):
-        ra, rb = min(t1, n1 - a), min(t2, n2 - b)
-        for k, v in enumerate(leaf_vals):
-            v = np.asarray(v)[:ra, :rb]
-            if sym and a == b:
-                v = _mirror(v)
-            dest[k][a:a + ra, b:b + rb] = v
-            if sym and a != b:
-                dest[k][b:b + rb, a:a + ra] = _transpose(v)
-
+def _run_tiles(jfn, plan, x1n, x2n, args, sym, devs, mine, sink, *, quiet, on_tile, desc):
+    """Compute the tiles ``mine``, one per device at a time, each handed to ``sink``."""
+    t = plan.tile
+    t1, t2 = min(t, plan.n1), min(t, plan.n2)
+    geom = (t1, t2, plan.n1, plan.n2, sym)
     bar = None
     if not quiet and mine:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(mine), unit="tile", desc=f"{desc} ({t1}x{t2})", file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5)
     try:
         finished = 0
         for s in range(0, len(mine), len(devs)):
-            batch = mine[s:s + len(devs)]
             pending = []
-            for g, dev in zip(batch, devs, strict=False):
+            for g, dev in zip(mine[s:s + len(devs)], devs, strict=False):
                 a, b = plan.tiles[g]
                 xa, xb = _pad(x1n, a, t1), _pad(x2n, b, t2)
+                dargs = args
                 if dev is not None:
                     xa, xb = jax.device_put(xa, dev), jax.device_put(xb, dev)
                     dargs = jax.device_put(args, dev)
-                else:
-                    dargs = args
                 # a diagonal tile of a symmetric kernel is itself a kernel of one set
                 # (x2=None), so self-pairs get the kernel's exact x2=None treatment
                 pending.append((g, jfn(xa, None if sym and a == b else xb, *dargs)))
             for g, res in pending:
-                vals = [np.asarray(v) for v in jax.tree_util.tree_leaves(res)]
                 a, b = plan.tiles[g]
-                if out is None:
-                    write(result, vals, a, b)
-                else:
-                    mm = np.load(out, mmap_mode="r+")
-                    write(mm, vals, a, b)
-                    mm.flush()
-                    del mm
-                    record(g)
-                del vals, res
+                sink.put(g, [np.asarray(v) for v in jax.tree_util.tree_leaves(res)], a, b, geom)
+                del res
                 finished += 1
                 if bar is not None:
                     bar.update(1)
@@ -673,18 +635,6 @@ def tiled_kernel(fn, x1, x2=None, *, args: tuple = (), memory_budget=None,
     finally:
         if bar is not None:
             bar.close()
-
-    if out is None:
-        return jax.tree_util.tree_unflatten(treedef, result)
-    if real_multi:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("ntkexp-tiling-done")
-    _, all_done = _open_stream(out, shape, next(iter(dtypes)), fp, None)
-    if len(all_done) < len(plan.tiles):
-        return None
-    mm = np.load(out, mmap_mode="r")
-    return jax.tree_util.tree_unflatten(treedef, [mm[k] for k in range(len(leaves))])
 
 
 def kernel_budget(cfg) -> int:
@@ -696,13 +646,8 @@ def kernel_budget(cfg) -> int:
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
-    "AnalyticTiles",
-    "EmpiricalTiles",
-    "MonteCarloTiles",
     "TilePlan",
     "TilingError",
-    "analytic_tiles",
-    "empirical_tiles",
     "fingerprint_of",
     "kernel_budget",
     "parse_bytes",

@@ -23,7 +23,6 @@ from ntkexp.layers.combinators import Frozen, Parallel, Serial, frozen, parallel
 from ntkexp.layers.dense import Dense
 from ntkexp.layers.network import (
     Network,
-    as_mlp_spec,
     composition_kernel,
     init_network,
     with_width,
@@ -56,7 +55,6 @@ __all__ = [
     "Parallel",
     "Serial",
     "activation_layer",
-    "as_mlp_spec",
     "build_layers",
     "composition_kernel",
     "frozen",

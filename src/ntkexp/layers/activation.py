@@ -29,6 +29,8 @@ import jax
 
 from ntkexp.activations import Activation as ActivationFn
 from ntkexp.activations import get_activation
+from ntkexp.kernels.analytic import dual_method
+from ntkexp.kernels.quadrature import NumericalDual, gaussian_second_moment
 from ntkexp.layers.base import KernelState, Layer, Shape, check_gaussian
 
 Array = jax.Array
@@ -122,8 +124,6 @@ class _Dual:
         nd = self._numerical()
         if not state.is_spatial:
             if self.deriv:  # E[phi'(u)^2]
-                from ntkexp.kernels.quadrature import gaussian_second_moment
-
                 return gaussian_second_moment(self.act.derivative, cov, nodes=self.nodes)
             return nd.diag(cov)
         n = cov.shape[0]
@@ -137,15 +137,11 @@ class _Dual:
         return jax.vmap(one)(q, cov.reshape(n, N, N)).reshape(cov.shape)
 
     def _numerical(self):
-        from ntkexp.kernels.quadrature import NumericalDual
-
         return NumericalDual(self.act, self.degree, self.nodes)
 
 
 def dual_maps(act: ActivationFn, degree: int = 160, nodes: int = 1201) -> tuple[_Dual, _Dual]:
     """``(T, Tdot)`` of ``act`` over kernel-state layouts (see the module docstring)."""
-    from ntkexp.kernels.analytic import dual_method
-
     method = dual_method(act)
     return (_Dual(act, False, method, degree, nodes), _Dual(act, True, method, degree, nodes))
 

@@ -59,15 +59,21 @@ class GlobalSelfAttention(Layer):
 
     Attributes:
       width: output channels.
-      n_heads, n_chan_key, n_chan_val: heads ``H``, key size ``d_k``, value size ``d_v``.
+      n_heads, n_chan_key, n_chan_val: heads ``H``, key size ``d_k``, value size
+        ``d_v``. ``n_chan_key`` / ``n_chan_val`` None (the default) mean "the
+        layer's width", so they grow with the swept width (``with_width``, the
+        runner's ``model.width``) and the empirical NTK converges to the limit at
+        the ``1/sqrt(width)`` rate; numbers given stay fixed across the sweep (then
+        the error plateaus at the fixed sizes' level). ``n_heads`` stays fixed:
+        the limit needs ``d_k, d_v -> infinity``, not more heads (Hron et al. 2020).
       W_key_std, W_query_std, W_value_std, W_out_std, b_std: weight multipliers.
       mechanism: ``"SOFTMAX"`` (over the key position) or ``"IDENTITY"``.
     """
 
     width: int
     n_heads: int = 4
-    n_chan_key: int = 64
-    n_chan_val: int = 64
+    n_chan_key: int | None = None
+    n_chan_val: int | None = None
     W_key_std: float = 1.0
     W_query_std: float = 1.0
     W_value_std: float = 1.0
@@ -80,7 +86,8 @@ class GlobalSelfAttention(Layer):
 
     def __post_init__(self):
         for name in ("width", "n_heads", "n_chan_key", "n_chan_val"):
-            _pos_int(name, getattr(self, name))
+            if getattr(self, name) is not None or name in ("width", "n_heads"):
+                _pos_int(name, getattr(self, name))
         for name in ("W_key_std", "W_query_std", "W_value_std", "W_out_std", "b_std"):
             object.__setattr__(self, name, _std(name, getattr(self, name)))
         m = str(self.mechanism).upper()
@@ -88,6 +95,16 @@ class GlobalSelfAttention(Layer):
             raise ValueError(f"attention.mechanism must be one of {', '.join(MECHANISMS)}, "
                              f"got {self.mechanism!r}")
         object.__setattr__(self, "mechanism", m)
+
+    @property
+    def d_k(self) -> int:
+        """Key size: ``n_chan_key``, or the width when that is None."""
+        return self.width if self.n_chan_key is None else self.n_chan_key
+
+    @property
+    def d_v(self) -> int:
+        """Value size: ``n_chan_val``, or the width when that is None."""
+        return self.width if self.n_chan_val is None else self.n_chan_val
 
     def out_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) < 2:
@@ -161,7 +178,7 @@ class AttentionModule(nnx.Module):
 
     def __init__(self, layer: GlobalSelfAttention, C: int, *, rngs: nnx.Rngs, dtype=None):
         dtype = dtype or jnp.float32
-        H, dk, dv = layer.n_heads, layer.n_chan_key, layer.n_chan_val
+        H, dk, dv = layer.n_heads, layer.d_k, layer.d_v
         self.W_qk = nnx.Param(jax.random.normal(rngs.params(), (C, H, dk), dtype))
         self.W_v = nnx.Param(jax.random.normal(rngs.params(), (C, H, dv), dtype))
         self.W_o = nnx.Param(jax.random.normal(rngs.params(), (H, dv, layer.width), dtype))
@@ -171,10 +188,12 @@ class AttentionModule(nnx.Module):
 
 @register_layer("attention")
 def _attention(width: int | None = None, out: int | None = None, n_heads: int = 4,
-               n_chan_key: int = 64, n_chan_val: int = 64, W_key_std: float = 1.0,
+               n_chan_key: int | None = None, n_chan_val: int | None = None,
+               W_key_std: float = 1.0,
                W_query_std: float = 1.0, W_value_std: float = 1.0, W_out_std: float = 1.0,
                b_std: float = 0.0, mechanism: str = "SOFTMAX"):
-    """``{attention: {width: 64, n_heads: 4, ...}}`` (``out`` is a synonym of ``width``)."""
+    """``{attention: {width: 64, n_heads: 4, ...}}`` (``out`` is a synonym of ``width``);
+    ``n_chan_key`` / ``n_chan_val`` left out follow the (swept) width."""
     w = out if out is not None else width
     if w is None:
         raise ValueError("attention needs 'width' (or a model width)")

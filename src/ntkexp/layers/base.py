@@ -262,8 +262,6 @@ class Layer:
 
     def init(self, key: Array, in_shape: Shape, dtype=None) -> Any:
         """Parameters as a pure pytree (``{}`` when there are none)."""
-        from ntkexp.layers.combinators import module_params
-
         return module_params(self.module(in_shape, rngs=nnx.Rngs(params=key), dtype=dtype))
 
     def apply(self, params: Any, x: Array) -> Array:
@@ -329,3 +327,39 @@ def check_gaussian(layer: str, state: KernelState) -> None:
 #   parallel(*branches, scales=None) -> Layer       y = sum_k scales[k] * branch_k(x)
 #   residual(*branch, scale=1.0) -> Layer           y = x + scale * serial(*branch)(x)
 #   frozen(layer) -> Layer                          same forward, parameters not trained
+
+
+class LayerModule(nnx.Module):
+    """NNX module of a combinator: its sub-layers' modules in an ``nnx.Dict`` keyed by position."""
+
+    def __init__(self, layer: Layer, in_shape: Shape, *, rngs: nnx.Rngs, dtype=None):
+        self.layer = layer
+        subs = {}
+        s = tuple(in_shape)
+        for i, child in enumerate(layer.children()):
+            m = child.module(s, rngs=rngs, dtype=dtype)
+            subs[i] = m if m is not None else _Empty()
+            if layer.kind == "serial":  # a serial chains shapes; branches share the input
+                s = child.out_shape(s)
+        self.subs = nnx.List([subs[i] for i in range(len(subs))])
+
+    def __call__(self, x: Array) -> Array:
+        return self.layer.apply(_pure(self), x)
+
+
+class _Empty(nnx.Module):
+    pass
+
+
+def _pure(mod: LayerModule) -> Any:
+    """Parameters of a combinator's module as ``{i: sub-layer params}`` (recursively)."""
+    return {i: module_params(sub) for i, sub in enumerate(mod.subs)}
+
+
+def module_params(mod) -> Any:
+    """Pure parameter pytree of a layer's module (``{}`` for none)."""
+    if mod is None or isinstance(mod, _Empty):
+        return {}
+    if isinstance(mod, LayerModule):
+        return _pure(mod)
+    return nnx.to_pure_dict(nnx.state(mod, nnx.Param))

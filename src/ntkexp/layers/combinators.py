@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import jax
 from flax import nnx
 
-from ntkexp.layers.base import KernelState, Layer, Shape
+from ntkexp.layers.base import KernelState, Layer, LayerModule, Shape
 
 Array = jax.Array
 
@@ -51,9 +51,7 @@ class Tape:
         self.frozen = 0
 
     def leaf(self, layer: Layer, params, x: Array, y: Array) -> Array:
-        from ntkexp.layers.activation import Activation
-
-        if isinstance(layer, Activation):
+        if layer.kind == "activation":
             self.preacts.append(x)
         if layer.has_params and not self.frozen:
             i = len(self.entries)
@@ -244,42 +242,6 @@ class Frozen(Layer):
     def kernel(self, state: KernelState) -> KernelState:
         out = self.layer.kernel(state.replace(trainable=False))
         return out.replace(trainable=state.trainable)
-
-
-class LayerModule(nnx.Module):
-    """NNX module of a combinator: its sub-layers' modules in an ``nnx.Dict`` keyed by position."""
-
-    def __init__(self, layer: Layer, in_shape: Shape, *, rngs: nnx.Rngs, dtype=None):
-        self.layer = layer
-        subs = {}
-        s = tuple(in_shape)
-        for i, child in enumerate(layer.children()):
-            m = child.module(s, rngs=rngs, dtype=dtype)
-            subs[i] = m if m is not None else _Empty()
-            if isinstance(layer, Serial):
-                s = child.out_shape(s)
-        self.subs = nnx.List([subs[i] for i in range(len(subs))])
-
-    def __call__(self, x: Array) -> Array:
-        return self.layer.apply(_pure(self), x)
-
-
-class _Empty(nnx.Module):
-    pass
-
-
-def _pure(mod: LayerModule) -> Any:
-    """Parameters of a combinator's module as ``{i: sub-layer params}`` (recursively)."""
-    return {i: module_params(sub) for i, sub in enumerate(mod.subs)}
-
-
-def module_params(mod) -> Any:
-    """Pure parameter pytree of a layer's module (``{}`` for none)."""
-    if mod is None or isinstance(mod, _Empty):
-        return {}
-    if isinstance(mod, LayerModule):
-        return _pure(mod)
-    return nnx.to_pure_dict(nnx.state(mod, nnx.Param))
 
 
 def serial(*layers: Layer) -> Serial:

@@ -33,8 +33,8 @@ b_{i, o}``; the contribution is the inner product of those over examples.
 
 A whole stack ``[conv, act] * depth + [global_avg_pool | flatten, dense]`` of
 stride-1 ``SAME`` convolutions with shared ``W_std``/``b_std`` is recognised
-by :func:`conv_stack_of` and computed by the fused, blocked map of
-:mod:`ntkexp.kernels.cnn` (:func:`fast_kernel`).
+by :func:`conv_stack_of` (``depth >= 0``) and computed by the fused, blocked map of
+:mod:`ntkexp.kernels.cnn`: the ``conv_stack`` rule of :mod:`ntkexp.layers.fused`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.kernels.cnn import dual_key
 from ntkexp.layers.base import KernelState, Layer, Shape
 from ntkexp.layers.registry import register_layer
 
@@ -360,55 +361,45 @@ def conv_stack_of(layer: Layer, in_shape: Shape):
     """The hyperparameters of ``layer`` if it is a plain stride-1 SAME conv stack, else None.
 
     A plain stack is ``[Conv(q, SAME, stride 1, ntk), Activation] * depth``
-    (``depth >= 1``, every conv with the same ``filter``, ``W_std``, ``b_std``),
+    (``depth >= 0``, every conv with the same ``filter``, ``W_std``, ``b_std``),
     then ``global_avg_pool`` (readout ``gap``) or ``flatten`` (``vec``), then
     one NTK-parameterised ``Dense`` with the same ``W_std`` and ``b_std``, with
     an activation that has a closed form or a relu-family form, on 1-D or 2-D
     inputs. Returns a dict of :func:`ntkexp.kernels.cnn.conv_stack_kernel`
     keywords.
     """
-    from ntkexp.kernels.cnn import dual_key
-
     leaves = _flat_leaves(layer)
-    if not leaves or len(in_shape) not in (2, 3) or len(leaves) < 4:
+    if not leaves or len(in_shape) not in (2, 3) or len(leaves) < 2:
         return None
     *body, pool, dense = leaves
-    if len(body) % 2 or type(dense).__name__ != "Dense" or pool.kind not in (
-            "global_avg_pool", "flatten"):
+    if len(body) % 2 or type(dense).__name__ != "Dense" or getattr(pool, "kind", "") not in (
+            "global_avg_pool", "flatten") or dense.parameterization != "ntk":
         return None
     convs, acts = body[0::2], body[1::2]
-    c0 = convs[0]
     k = len(in_shape) - 1
+    c0 = convs[0] if convs else None
     for c in convs:
         if not isinstance(c, Conv) or c.padding != "SAME" or c.parameterization != "ntk" \
                 or set(_tuple(c.strides, k, "strides")) != {1} \
                 or len(set(_tuple(c.filter, k, "filter"))) != 1 \
                 or (c.filter, c.W_std, c.b_std) != (c0.filter, c0.W_std, c0.b_std):
             return None
-    names = {getattr(a, "kind", "") for a in acts}
-    if names != {"activation"} or len({(a.name, a.params) for a in acts}) != 1:
-        return None
-    act = acts[0].act
-    try:
-        dual_key(act)
-    except NotImplementedError:
-        return None
-    if dense.parameterization != "ntk" or (dense.W_std, dense.b_std) != (c0.W_std, c0.b_std):
-        return None
-    return dict(depth=len(convs), filter_size=_tuple(c0.filter, k, "filter")[0],
-                W_std=c0.W_std, b_std=c0.b_std, activation=act,
-                readout="gap" if pool.kind == "global_avg_pool" else "vec")
-
-
-def fast_kernel(layer: Layer, x1: Array, x2: Array | None):
-    """The fused blocked kernel of a plain conv stack (:func:`conv_stack_of`), or None."""
-    hp = conv_stack_of(layer, tuple(x1.shape[1:]))
-    if hp is None:
-        return None
-    from ntkexp.kernels.cnn import conv_stack_kernel
-
-    return conv_stack_kernel(x1, x2, **hp)
-
+    if convs:
+        names = {getattr(a, "kind", "") for a in acts}
+        if names != {"activation"} or len({(a.name, a.params) for a in acts}) != 1:
+            return None
+        act = acts[0].act
+        try:
+            dual_key(act)
+        except NotImplementedError:
+            return None
+        if (dense.W_std, dense.b_std) != (c0.W_std, c0.b_std):
+            return None
+        q = _tuple(c0.filter, k, "filter")[0]
+    else:  # depth 0: a linear readout of the pooled / flattened input
+        act, q = "relu", 1
+    return dict(depth=len(convs), filter_size=q, W_std=dense.W_std, b_std=dense.b_std,
+                activation=act, readout="gap" if pool.kind == "global_avg_pool" else "vec")
 
 __all__ = ["Conv", "ConvModule", "conv_layer", "conv_stack_of", "diagonal_window_mean",
-           "fast_kernel", "out_spatial", "pad_spatial", "window_pads"]
+           "out_spatial", "pad_spatial", "window_pads"]

@@ -16,7 +16,9 @@ model protocol the rest of ntkexp asks for, so that no module outside
 
 :func:`composition_kernel` is the infinite-width limit of a composition; a
 plain dense stack goes to the MLP recursion of :mod:`ntkexp.kernels.analytic`
-(same numbers and speed as ``arch: mlp``).
+(same numbers and speed as ``arch: mlp``) and a plain conv stack to the
+fused map of :mod:`ntkexp.kernels.cnn`, by the one rule table of
+:mod:`ntkexp.layers.fused`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ntkexp.layers.activation import Activation
 from ntkexp.layers.base import Layer, Shape, input_state
 from ntkexp.layers.combinators import Frozen, Parallel, Serial, Tape
 from ntkexp.layers.dense import Dense
+from ntkexp.layers.fused import CONV_OPTIONS, MLP_OPTIONS, fused_kernel
 
 Array = jax.Array
 
@@ -262,39 +265,6 @@ def with_width(layer: Layer, width: int) -> Layer:
 # --------------------------------------------------------------------------
 
 
-def as_mlp_spec(layer: Layer, in_shape: Shape):
-    """The :class:`~ntkexp.models.mlp.MLPSpec` equal to ``layer``, or None.
-
-    A flat-input serial ``[dense, act, dense, act, ..., dense]`` with one
-    activation, equal hidden widths and equal ``W_std``/``b_std``/parameterization.
-    """
-    from ntkexp.models.mlp import MLPSpec
-
-    if len(in_shape) != 1 or not isinstance(layer, Serial):
-        return None
-    ls = layer.layers
-    if len(ls) % 2 != 1:
-        return None
-    dense = ls[0::2]
-    acts = ls[1::2]
-    if not all(type(d) is Dense for d in dense) or not all(type(a) is Activation for a in acts):
-        return None
-    d0 = dense[0]
-    if any((d.W_std, d.b_std, d.parameterization) != (d0.W_std, d0.b_std, d0.parameterization)
-           for d in dense):
-        return None
-    if len({(a.name, a.params, a.degree, a.nodes) for a in acts}) > 1:
-        return None
-    hidden = {d.width for d in dense[:-1]}
-    if len(hidden) > 1:
-        return None
-    width = hidden.pop() if hidden else 1
-    act = acts[0] if acts else Activation("relu")
-    return MLPSpec(depth=len(acts), width=width, activation=act.name, W_std=d0.W_std,
-                   b_std=d0.b_std, parameterization=d0.parameterization,
-                   out_dim=dense[-1].width, activation_params=act.params), act
-
-
 @functools.partial(jax.jit, static_argnames=("layer", "sym"))
 def _composition_kernel(layer: Layer, x1, x2, sym: bool) -> Kernel:
     state = layer.kernel(input_state(x1, x1 if sym else x2))
@@ -329,13 +299,22 @@ def _as_inputs(x, name: str):
     return arr
 
 
-def composition_kernel(layer: Layer, x1, x2=None) -> Kernel:
+def composition_kernel(layer: Layer, x1, x2=None, *, fused: bool = True,
+                       **options) -> Kernel:
     """Infinite-width NNGP and NTK (per output) of a layer composition.
+
+    The one kernel path: the layer-by-layer map, or, where the rule table of
+    :mod:`ntkexp.layers.fused` matches (a plain dense stack, a plain conv
+    stack), its fused map with the same numbers.
 
     Args:
       layer: a :class:`~ntkexp.layers.base.Layer` (or a :class:`Network`).
       x1: inputs ``(n1, d)``, ``(n1, P, C)`` or ``(n1, H, W, C)``.
       x2: like ``x1`` or None for ``x2 = x1`` (then exactly symmetric).
+      fused: False runs the layer-by-layer map even where a rule matches.
+      options: for a fused map (``block_size``, ``exact_angles``, ``degree``,
+        ``nodes`` for the MLP recursion; ``pixel_pairs``, ``block_entries`` for
+        the conv stack); the layer map ignores them.
 
     Returns:
       ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the inputs' floating dtype.
@@ -364,22 +343,14 @@ def composition_kernel(layer: Layer, x1, x2=None) -> Kernel:
     out = layer.out_shape(tuple(x1.shape[1:]))
     if len(out) != 1:
         raise ValueError(f"the composition's output must be flat, got per-example shape {out}")
-    fast = as_mlp_spec(layer, tuple(x1.shape[1:]))
-    if fast is not None:
-        from ntkexp.kernels.analytic import analytic_kernel
-
-        spec, act = fast
-        return analytic_kernel(spec, x1, None if sym else x2, degree=act.degree, nodes=act.nodes)
-    import importlib.util
-
-    if importlib.util.find_spec("ntkexp.layers.conv") is not None:
-        from ntkexp.layers import conv
-
-        fast_conv = getattr(conv, "fast_kernel", None)
-        if fast_conv is not None:  # a plain conv stack: the fused, blocked map of kernels/cnn.py
-            k = fast_conv(layer, x1, None if sym else x2)
-            if k is not None:
-                return k
+    unknown = set(options) - set(MLP_OPTIONS) - set(CONV_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown kernel option(s) {sorted(unknown)}; known: "
+                        f"{', '.join(MLP_OPTIONS + CONV_OPTIONS)}")
+    if fused:
+        k = fused_kernel(layer, x1, None if sym else x2, **options)
+        if k is not None:
+            return k
     return _composition_kernel(layer, x1, x1 if sym else x2, sym)
 
 
@@ -390,4 +361,4 @@ def init_network(layer: Layer, in_shape: Shape, key, dtype=None, *,
     return net, net.init(key, dtype)
 
 
-__all__ = ["Network", "as_mlp_spec", "composition_kernel", "init_network", "with_width"]
+__all__ = ["Network", "composition_kernel", "init_network", "with_width"]

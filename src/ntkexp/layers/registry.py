@@ -31,7 +31,12 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ntkexp.activations import ACTIVATIONS
+from ntkexp.layers.activation import Activation
 from ntkexp.layers.base import Layer
+from ntkexp.layers.combinators import frozen, parallel, residual, serial
+from ntkexp.layers.dense import Dense
+from ntkexp.layers.reshape import Flatten
 from ntkexp.registry import Registry, RegistryError
 
 LAYERS: Registry[Callable[..., Layer]] = Registry("layer")
@@ -60,8 +65,6 @@ def _keys_of(factory) -> tuple[list[str], bool]:
 
 def known_kinds() -> list[str]:
     """Every name a layer entry may use (layer kinds and activations)."""
-    from ntkexp.activations import ACTIVATIONS
-
     return sorted(set(LAYERS.names()) | set(ACTIVATIONS.names()))
 
 
@@ -74,18 +77,11 @@ def _plain(v):
     return v
 
 
-def parse_layer(entry, path: str = "layers[0]", defaults: Mapping[str, Any] | None = None) -> Layer:
-    """One YAML entry (a name or a one-key mapping) -> a :class:`Layer`."""
-    from ntkexp.activations import ACTIVATIONS
-    from ntkexp.layers.activation import Activation
-
-    defaults = dict(defaults or {})
-    entry = _plain(entry)
-    if isinstance(entry, Layer):
-        return entry
+def _name_and_keys(entry, path: str) -> tuple[str, dict]:
+    """``(kind, keys)`` of a YAML entry: a name, or a one-key mapping ``{kind: {keys}}``."""
     if isinstance(entry, str):
-        name, keys = entry, {}
-    elif isinstance(entry, dict) and len(entry) == 1:
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
         name, keys = next(iter(entry.items()))
         if keys is None:
             keys = {}
@@ -93,44 +89,55 @@ def parse_layer(entry, path: str = "layers[0]", defaults: Mapping[str, Any] | No
             keys = {"layers": keys}
         if not isinstance(keys, dict):
             raise LayerSpecError(f"{path}.{name}", f"expected a mapping of keys, got {keys!r}")
-    else:
-        raise LayerSpecError(path, "expected a layer name or a one-key mapping "
-                             f"{{kind: {{keys}}}}, got {entry!r}")
+        return name, keys
+    raise LayerSpecError(path, "expected a layer name or a one-key mapping "
+                         f"{{kind: {{keys}}}}, got {entry!r}")
+
+
+def _layer_keywords(name: str, keys: dict, where: str, defaults: dict, names, open_kw) -> dict:
+    """The factory's keywords: keys checked, model-level defaults filled in, nested
+    layer lists (``layers``, ``branch``, ``branches``) parsed."""
+    for k in keys:
+        if k not in names and not open_kw:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LayerSpecError(f"{where}.{k}", f"unknown key for layer {name!r}{hint}; "
+                                 f"its keys: {', '.join(names) or '(none)'}")
+    kw = dict(keys)
+    for k in DEFAULT_KEYS:
+        if k in names and k not in kw and k in defaults and defaults[k] is not None:
+            kw[k] = defaults[k]
+    for lk in ("layers", "branch"):
+        if lk in kw:
+            kw[lk] = parse_layers(kw[lk], f"{where}.{lk}", defaults)
+    if "branches" in kw:
+        br = kw["branches"]
+        if not isinstance(br, list) or not br:
+            raise LayerSpecError(f"{where}.branches", "expected a list of layer lists")
+        kw["branches"] = [parse_layers(b if isinstance(b, list) else [b],
+                                       f"{where}.branches[{i}]", defaults)
+                          for i, b in enumerate(br)]
+    return kw
+
+
+def parse_layer(entry, path: str = "layers[0]", defaults: Mapping[str, Any] | None = None) -> Layer:
+    """One YAML entry (a name or a one-key mapping) -> a :class:`Layer`."""
+    defaults = dict(defaults or {})
+    entry = _plain(entry)
+    if isinstance(entry, Layer):
+        return entry
+    name, keys = _name_and_keys(entry, path)
     where = f"{path}.{name}" if keys or not isinstance(entry, str) else path
-    if name in LAYERS:
-        factory = LAYERS.get(name)
-        names, open_kw = _keys_of(factory)
-        for k in keys:
-            if k not in names and not open_kw:
-                close = difflib.get_close_matches(str(k), names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise LayerSpecError(f"{where}.{k}", f"unknown key for layer {name!r}{hint}; "
-                                     f"its keys: {', '.join(names) or '(none)'}")
-        kw = dict(keys)
-        for k in DEFAULT_KEYS:
-            if k in names and k not in kw and k in defaults and defaults[k] is not None:
-                kw[k] = defaults[k]
-        for lk in ("layers", "branch"):
-            if lk in kw:
-                kw[lk] = parse_layers(kw[lk], f"{where}.{lk}", defaults)
-        if "branches" in kw:
-            br = kw["branches"]
-            if not isinstance(br, list) or not br:
-                raise LayerSpecError(f"{where}.branches", "expected a list of layer lists")
-            kw["branches"] = [parse_layers(b if isinstance(b, list) else [b],
-                                           f"{where}.branches[{i}]", defaults)
-                              for i, b in enumerate(br)]
-        try:
-            return factory(**kw)
-        except LayerSpecError:
-            raise
-        except (TypeError, ValueError) as e:
-            raise LayerSpecError(where, " ".join(str(e).split())) from None
-    if name in ACTIVATIONS:
-        try:
+    try:
+        if name in LAYERS:
+            factory = LAYERS.get(name)
+            return factory(**_layer_keywords(name, keys, where, defaults, *_keys_of(factory)))
+        if name in ACTIVATIONS:
             return Activation(name, keys)
-        except (TypeError, ValueError) as e:
-            raise LayerSpecError(where, " ".join(str(e).split())) from None
+    except LayerSpecError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise LayerSpecError(where, " ".join(str(e).split())) from None
     close = difflib.get_close_matches(str(name), known_kinds(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise LayerSpecError(path, f"unknown layer {name!r}{hint}; known: {', '.join(known_kinds())}")
@@ -147,8 +154,6 @@ def parse_layers(entries, path: str = "layers",
 
 def build_layers(entries, *, path: str = "layers", **defaults) -> Layer:
     """A YAML list -> ``serial(*layers)``."""
-    from ntkexp.layers.combinators import serial
-
     layers = parse_layers(entries, path, defaults)
     if not layers:
         raise LayerSpecError(path, "the layer list is empty")
@@ -164,8 +169,6 @@ def build_layers(entries, *, path: str = "layers", **defaults) -> Layer:
 def _dense(width: int | None = None, out: int | None = None, W_std: float = 1.0,
            b_std: float = 0.0, parameterization: str = "ntk"):
     """``{dense: {width: n}}`` (hidden, swept with the model width) or ``{dense: {out: k}}``."""
-    from ntkexp.layers.dense import Dense
-
     if out is not None:
         return Dense(out, W_std, b_std, parameterization, readout=True)
     if width is None:
@@ -176,23 +179,17 @@ def _dense(width: int | None = None, out: int | None = None, W_std: float = 1.0,
 @register_layer("activation")
 def _activation(name: str, params: Mapping | None = None):
     """``{activation: {name: tanh, params: {...}}}`` (same as the bare name)."""
-    from ntkexp.layers.activation import Activation
-
     return Activation(name, dict(params or {}))
 
 
 @register_layer("serial")
 def _serial(layers: Sequence[Layer] = ()):
-    from ntkexp.layers.combinators import serial
-
     return serial(*layers)
 
 
 @register_layer("parallel")
 def _parallel(branches: Sequence[Sequence[Layer]] = (), scales: Sequence[float] | None = None):
     """``{parallel: {branches: [[...], [...]], scales: [1.0, 0.5]}}``: the scaled sum."""
-    from ntkexp.layers.combinators import parallel, serial
-
     return parallel(*(serial(*b) for b in branches), scales=scales)
 
 
@@ -200,23 +197,17 @@ def _parallel(branches: Sequence[Sequence[Layer]] = (), scales: Sequence[float] 
 def _residual(layers: Sequence[Layer] = (), scale: float = 1.0, branch: Sequence[Layer] = ()):
     """``{residual: {scale: a, layers: [...]}}``: ``x + a * serial(layers)(x)``
     (``branch`` is a synonym of ``layers``)."""
-    from ntkexp.layers.combinators import residual
-
     return residual(*(tuple(layers) + tuple(branch)), scale=scale)
 
 
 @register_layer("frozen")
 def _frozen(layers: Sequence[Layer] = ()):
     """``{frozen: [...]}``: the layers with untrained parameters."""
-    from ntkexp.layers.combinators import frozen, serial
-
     return frozen(serial(*layers))
 
 
 @register_layer("flatten")
 def _flatten():
-    from ntkexp.layers.reshape import Flatten
-
     return Flatten()
 
 

@@ -55,6 +55,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.kernels.base import Kernel
+from ntkexp.kernels.cnn import PIXEL_PAIRS
+from ntkexp.layers.activation import Activation
+from ntkexp.layers.combinators import serial
+from ntkexp.layers.conv import Conv
+from ntkexp.layers.dense import Dense
+from ntkexp.layers.network import Network, composition_kernel
+from ntkexp.layers.pool import GlobalAvgPool
+from ntkexp.layers.reshape import Flatten
+from ntkexp.models.registry import ARCHITECTURES, register_architecture
 from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
@@ -202,18 +212,10 @@ class CNNSpec(SpecActivationMixin):
 
     def conv_layer(self):
         """One hidden layer's :class:`~ntkexp.layers.conv.Conv` (stride 1, SAME)."""
-        from ntkexp.layers.conv import Conv
-
         return Conv(self.width, self.filter_size, 1, "SAME", self.W_std, self.b_std, "ntk")
 
     def layers(self):
         """The network as a layer composition: ``[conv, act] * depth``, pool, ``Dense(out_dim)``."""
-        from ntkexp.layers.activation import Activation
-        from ntkexp.layers.combinators import serial
-        from ntkexp.layers.dense import Dense
-        from ntkexp.layers.pool import GlobalAvgPool
-        from ntkexp.layers.reshape import Flatten
-
         act = Activation(self.activation, self.activation_params)
         body = [lay for _ in range(self.depth) for lay in (self.conv_layer(), act)]
         pool = GlobalAvgPool() if self.readout == "gap" else Flatten()
@@ -303,8 +305,6 @@ class CNNApply:
         return out
 
     def _net(self, params, x):
-        from ntkexp.layers.network import Network
-
         convs = params["convs"]
         c_in = convs[0]["W"].shape[-2] if self.spec.depth else None
         a = as_images(self.spec, x, c_in).astype(params["readout"]["W"].dtype)
@@ -423,19 +423,45 @@ def _build_cnn(spec: CNNSpec, in_dim, key, dtype=None):
     return CNNApply(spec), init_cnn_params(spec, in_dim, key, dtype)
 
 
-def _cnn_analytic(spec: CNNSpec, x1, x2=None):
-    """The limit of :meth:`CNNSpec.layers` (no import of a kernel module)."""
-    from ntkexp.layers.network import composition_kernel
-
+def _cnn_analytic(spec: CNNSpec, x1, x2=None, **options):
+    """The limit of :meth:`CNNSpec.layers` (the composition's kernel path)."""
     x1 = as_images(spec, x1)
     spec = spec.resolve(x1.shape[1:])
     x2 = None if x2 is None else as_images(spec, x2, x1.shape[-1])
-    return composition_kernel(spec.layers(), x1, x2)
+    return composition_kernel(spec.layers(), x1, x2, **options)
+
+
+def cnn_kernel(spec: CNNSpec, x1, x2=None, *, pixel_pairs: str = "auto") -> Kernel:
+    """Infinite-width NNGP and NTK (CNTK) of the CNN ``spec``, for a scalar output.
+
+    The limit of the composition :meth:`CNNSpec.layers`: for a closed-form or
+    relu-family activation the ``conv_stack`` rule of :mod:`ntkexp.layers.fused`
+    runs the fused map :func:`ntkexp.kernels.cnn.conv_stack_kernel` (Arora et
+    al. 2019, CNTK-GAP / CNTK-V); other activations (tanh, softplus, a user's
+    own) go layer by layer with the Mehler fallback.
+
+    Args:
+      spec: a :class:`CNNSpec` (its ``width`` is ignored; ``image_shape=None``
+        takes the shape from ``x1``); any ``depth >= 0`` and readout.
+      x1: inputs ``(n1, *image_shape, C)`` or flat ``(n1, N * C)`` (channels last).
+      x2: inputs ``(n2, ...)`` like ``x1``, or None for ``x2 = x1`` (then the
+        result is exactly symmetric).
+      pixel_pairs: see :func:`~ntkexp.kernels.cnn.conv_stack_kernel`.
+
+    Returns:
+      ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the dtype of the inputs.
+    """
+    for attr in ("images", "layers", "act", "readout"):
+        if not hasattr(spec, attr):
+            raise TypeError(f"cnn_kernel needs a CNNSpec, got {type(spec).__name__}")
+    if pixel_pairs not in PIXEL_PAIRS:
+        raise ValueError(f"unknown pixel_pairs {pixel_pairs!r}; known: {', '.join(PIXEL_PAIRS)}")
+    if pixel_pairs == "diagonal" and spec.readout == "gap":
+        raise ValueError("the GAP readout needs all pixel pairs; use pixel_pairs='auto' or 'all'")
+    return _cnn_analytic(spec, x1, x2, pixel_pairs=pixel_pairs)
 
 
 def _register() -> None:
-    from ntkexp.models.registry import ARCHITECTURES, register_architecture
-
     if "cnn" not in ARCHITECTURES:
         register_architecture("cnn", make_spec=CNNSpec, analytic=_cnn_analytic)(_build_cnn)
 

@@ -19,6 +19,10 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
+from ntkexp.layers.network import Network, composition_kernel
+from ntkexp.layers.registry import build_layers
 from ntkexp.models.registry import register_architecture
 
 
@@ -83,8 +87,6 @@ class LayersSpec:
     @property
     def layer(self):
         """The composition ``serial(*layers)``."""
-        from ntkexp.layers.registry import build_layers
-
         return build_layers(self.layers, width=self.width, W_std=self.W_std, b_std=self.b_std,
                             parameterization=self.parameterization)
 
@@ -98,8 +100,6 @@ class LayersSpec:
 
 def network(spec: LayersSpec, in_shape):
     """The :class:`~ntkexp.layers.Network` of ``spec`` for data of per-example ``in_shape``."""
-    from ntkexp.layers.network import Network
-
     in_shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else (int(in_shape),)
     return Network(spec.layer, in_shape, spec.input_shape)
 
@@ -110,10 +110,6 @@ def _build(spec: LayersSpec, in_dim, key, dtype=None):
 
 
 def _analytic(spec: LayersSpec, x1, x2=None):
-    import jax.numpy as jnp
-
-    from ntkexp.layers.network import composition_kernel
-
     return composition_kernel(network(spec, jnp.shape(x1)[1:]), x1, x2)
 
 

@@ -32,6 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.layers.activation import Activation
+from ntkexp.layers.combinators import serial
+from ntkexp.layers.dense import Dense as DenseLayer
+from ntkexp.models import parameterization as P
 from ntkexp.models.validation import (
     SpecActivationMixin,
     check_int,
@@ -41,7 +45,7 @@ from ntkexp.models.validation import (
 )
 
 Array = jax.Array
-PARAMETERIZATIONS = ("ntk", "standard")
+PARAMETERIZATIONS = P.PRESETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +58,9 @@ class MLPSpec(SpecActivationMixin):
       activation: registered activation name (``ntkexp.activations.ACTIVATIONS``).
       W_std: weight standard deviation multiplier sigma_w (>= 0).
       b_std: bias standard deviation sigma_b (>= 0; 0 means no bias).
-      parameterization: ``"ntk"`` or ``"standard"``.
+      parameterization: ``"ntk"``, ``"standard"``, ``"mup"`` or ``"mean_field"``
+        (depth 1 only): :mod:`ntkexp.models.parameterization`. Only the first
+        two have a kernel limit (``analytic_kernel``).
       out_dim: output dimension (>= 1).
       activation_params: keyword parameters of the activation factory, e.g.
         ``{"slope": 0.1}`` for ``leaky_relu``; stored as a sorted tuple of pairs
@@ -78,11 +84,7 @@ class MLPSpec(SpecActivationMixin):
         check_int("MLPSpec", "out_dim", self.out_dim, minimum=1)
         for name in ("W_std", "b_std"):
             object.__setattr__(self, name, check_std("MLPSpec", name, getattr(self, name)))
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"unknown parameterization {self.parameterization!r}; "
-                f"known: {', '.join(PARAMETERIZATIONS)}"
-            )
+        P.check(self.parameterization, self.depth)  # unknown / undefined here: one line
         _ = self.act  # validates the activation name and its parameters
 
     def layers(self):
@@ -98,30 +100,43 @@ class MLPSpec(SpecActivationMixin):
         return dataclasses.replace(self, **changes)
 
 
-def layer_scales(spec: MLPSpec, fan_in: int) -> tuple[float, float]:
-    """Multipliers ``(w_mult, b_mult)`` applied in the forward pass of one layer."""
+def _abc_scales(spec: MLPSpec, fan_in: int, layer: int | None):
+    if layer is None:
+        raise ValueError(f"parameterization {spec.parameterization!r} needs the layer index")
+    return P.scales(spec.parameterization, spec.depth, layer, width=spec.width, fan_in=fan_in,
+                    W_std=spec.W_std, b_std=spec.b_std)
+
+
+def layer_scales(spec: MLPSpec, fan_in: int, layer: int | None = None) -> tuple[float, float]:
+    """Multipliers ``(w_mult, b_mult)`` applied in the forward pass of dense layer
+    ``layer`` (0 .. depth; needed by the abc presets ``mup`` / ``mean_field``)."""
     if spec.parameterization == "ntk":
         return spec.W_std / math.sqrt(fan_in), spec.b_std
-    return 1.0, 1.0
+    if spec.parameterization == "standard":
+        return 1.0, 1.0
+    return _abc_scales(spec, fan_in, layer)[:2]
 
 
-def init_scales(spec: MLPSpec, fan_in: int) -> tuple[float, float]:
-    """Standard deviations ``(w_init, b_init)`` of the stored parameters."""
+def init_scales(spec: MLPSpec, fan_in: int, layer: int | None = None) -> tuple[float, float]:
+    """Standard deviations ``(w_init, b_init)`` of the stored parameters of layer ``layer``."""
     if spec.parameterization == "ntk":
         return 1.0, 1.0
-    return spec.W_std / math.sqrt(fan_in), spec.b_std
+    if spec.parameterization == "standard":
+        return spec.W_std / math.sqrt(fan_in), spec.b_std
+    return _abc_scales(spec, fan_in, layer)[2:]
 
 
 class Dense(nnx.Module):
     """One dense layer of an :class:`MLP` (parameterization from the spec)."""
 
-    def __init__(self, fan_in: int, fan_out: int, spec: MLPSpec, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, fan_in: int, fan_out: int, spec: MLPSpec, *, rngs: nnx.Rngs, dtype=None,
+                 layer: int | None = None):
         dtype = dtype or jnp.float32
-        w_init, b_init = init_scales(spec, fan_in)
+        w_init, b_init = init_scales(spec, fan_in, layer)
         self.W = nnx.Param(w_init * jax.random.normal(rngs.params(), (fan_in, fan_out), dtype))
         if spec.has_bias:
             self.b = nnx.Param(b_init * jax.random.normal(rngs.params(), (fan_out,), dtype))
-        self.w_mult, self.b_mult = layer_scales(spec, fan_in)
+        self.w_mult, self.b_mult = layer_scales(spec, fan_in, layer)
 
     def __call__(self, a: Array) -> Array:
         z = self.w_mult * (a @ self.W[...])
@@ -150,7 +165,8 @@ class MLP(nnx.Module):
         self.spec = spec
         self.in_dim = in_dim
         self.layers = nnx.List(
-            [Dense(i, o, spec, rngs=rngs, dtype=dtype) for i, o in spec.layer_dims(in_dim)]
+            [Dense(i, o, spec, rngs=rngs, dtype=dtype, layer=h)
+             for h, (i, o) in enumerate(spec.layer_dims(in_dim))]
         )
 
     def __call__(self, x: Array) -> Array:
@@ -203,7 +219,7 @@ class MLPApply:
         for h in range(n_layers):
             p = layers[h]
             inputs.append(a)
-            z = _pre_activation(self.spec, p, a, jnp.matmul)
+            z = _pre_activation(self.spec, p, a, jnp.matmul, h)
             if taps is not None and taps[h] is not None:
                 z = z + taps[h]
             a = act.fn(z) if h < n_layers - 1 else z
@@ -254,7 +270,7 @@ class MLPApply:
         for h in range(n_layers):
             p = layers[h]
             inputs.append(a)
-            z = _pre_activation(self.spec, p, a, _matmul)
+            z = _pre_activation(self.spec, p, a, _matmul, h)
             if h < n_layers - 1:
                 a, pull = jax.vjp(act.fn, z)
                 pulls.append(pull)
@@ -267,7 +283,7 @@ class MLPApply:
             grads = [None] * n_layers
             for h in reversed(range(n_layers)):
                 p = layers[h]
-                w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0])
+                w_mult, b_mult = layer_scales(self.spec, p["W"].shape[0], h)
                 # gradients in the parameters' dtype, as jax.vjp gives them
                 dt = {k: v.dtype for k, v in stored[h].items()}
                 grads[h] = {"W": (w_mult * _weight_grad(inputs[h], g)).astype(dt["W"])}
@@ -318,8 +334,8 @@ class MLPApply:
             bs = jax.vmap(lambda c: vjp_fn(c)[0])(cots)  # each (out, n, width)
             backward = tuple(jnp.swapaxes(b, 0, 1) for b in bs)
         w_mults, b_mults = [], []
-        for p in (layers[h] for h in range(spec.depth + 1)):
-            wm, bm = layer_scales(spec, p["W"].shape[0])
+        for h, p in ((h, layers[h]) for h in range(spec.depth + 1)):
+            wm, bm = layer_scales(spec, p["W"].shape[0], h)
             w_mults.append(wm)
             b_mults.append(bm if "b" in p else 0.0)
         return MLPStructure(out, tuple(inputs), backward, tuple(w_mults), tuple(b_mults))
@@ -344,7 +360,7 @@ class MLPApply:
         out_dim = spec.out_dim
         K = None
         for h in range(L + 1):
-            w_mult, b_mult = layer_scales(spec, inputs1[h].shape[-1])
+            w_mult, b_mult = layer_scales(spec, inputs1[h].shape[-1], h)
             c = (w_mult**2) * (inputs1[h] @ inputs2[h].T)
             if spec.has_bias:
                 c = c + b_mult**2
@@ -368,9 +384,14 @@ class MLPApply:
 
     def readout_features(self, params, x: Array):
         """``(a, w2, b2)``: last hidden features ``(n, width)`` and the readout's
-        ``W_std^2 / fan_in``, ``b_std^2`` (the empirical NNGP, Lee et al. 2018)."""
+        initial weight and bias variances (``W_std^2 / fan_in``, ``b_std^2`` under
+        ntk and standard; the empirical NNGP, Lee et al. 2018)."""
         a = self.forward(params, x)[1][-1]
-        return a, self.spec.W_std**2 / a.shape[-1], self.spec.b_std**2
+        spec, fan_in, h = self.spec, a.shape[-1], self.spec.depth
+        (wm, bm), (wi, bi) = layer_scales(spec, fan_in, h), init_scales(spec, fan_in, h)
+        if spec.parameterization in ("ntk", "standard"):
+            return a, spec.W_std**2 / fan_in, spec.b_std**2
+        return a, (wm * wi) ** 2, (bm * bi) ** 2
 
     def preactivations(self, params, x: Array) -> list[Array]:
         """Hidden pre-activations ``[(n, width)] * depth`` (pattern-flip diagnostics)."""
@@ -379,7 +400,7 @@ class MLPApply:
         a = jnp.asarray(x).astype(layers[0]["W"].dtype)
         zs = []
         for h in range(spec.depth):
-            z = _pre_activation(spec, layers[h], a, jnp.matmul)
+            z = _pre_activation(spec, layers[h], a, jnp.matmul, h)
             zs.append(z)
             a = spec.act.fn(z)
         return zs
@@ -400,16 +421,19 @@ class MLPApply:
 
 
 def mlp_layers(spec: MLPSpec):
-    """The MLP as ``serial(dense, act, ..., dense(out))`` (same parameters' draw order)."""
-    from ntkexp.layers.activation import Activation
-    from ntkexp.layers.combinators import serial
-    from ntkexp.layers.dense import Dense
+    """The MLP as ``serial(dense, act, ..., dense(out))`` (same parameters' draw order).
 
+    Raises:
+      ParameterizationError: ``mup`` / ``mean_field``, whose limit is not a kernel
+        (the layer compositions carry kernel maps).
+    """
+    P.require_kernel_limit(spec.parameterization)
     kw = dict(W_std=spec.W_std, b_std=spec.b_std, parameterization=spec.parameterization)
     ls = []
     for _ in range(spec.depth):
-        ls += [Dense(spec.width, **kw), Activation(spec.activation, spec.activation_params)]
-    ls.append(Dense(spec.out_dim, readout=True, **kw))
+        ls += [DenseLayer(spec.width, **kw),
+               Activation(spec.activation, spec.activation_params)]
+    ls.append(DenseLayer(spec.out_dim, readout=True, **kw))
     return serial(*ls)
 
 
@@ -438,9 +462,9 @@ class MLPStructure(NamedTuple):
     b_mults: tuple
 
 
-def _pre_activation(spec: MLPSpec, p, a: Array, matmul) -> Array:
-    """``z = w_mult * matmul(a, W) + b_mult * b`` for one dense layer's params ``p``."""
-    w_mult, b_mult = layer_scales(spec, p["W"].shape[0])
+def _pre_activation(spec: MLPSpec, p, a: Array, matmul, layer: int | None = None) -> Array:
+    """``z = w_mult * matmul(a, W) + b_mult * b`` for dense layer ``layer``'s params ``p``."""
+    w_mult, b_mult = layer_scales(spec, p["W"].shape[0], layer)
     z = w_mult * matmul(a, p["W"])
     if "b" in p:
         z = z + b_mult * p["b"][None, :]

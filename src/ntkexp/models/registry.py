@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from ntkexp.layers.base import Layer
+from ntkexp.layers.network import Network, with_width
 from ntkexp.registry import Registry
 
 
@@ -63,11 +65,6 @@ def builder_for(spec_or_layer, in_shape: tuple, dtype=None):
     Raises:
       TypeError: neither a registered architecture's spec nor a layer.
     """
-    import dataclasses
-
-    from ntkexp.layers.base import Layer
-    from ntkexp.layers.network import Network, with_width
-
     if isinstance(spec_or_layer, Network):
         spec_or_layer = spec_or_layer.layer
     if isinstance(spec_or_layer, Layer):

@@ -15,8 +15,8 @@ with ``W, b ~ N(0, 1)`` (``b_std = 0``: no bias). ``depth`` counts residual
 blocks; ``depth = 0`` is exactly the one-hidden-layer MLP ``MLPSpec(depth=1)``.
 The skip path carries no parameters, so the variance grows with depth unless
 ``alpha`` shrinks (``alpha = 1/sqrt(depth)`` keeps it bounded; Huang et al.
-use ``alpha = depth^{-gamma}``). The analytic kernel is in
-:mod:`ntkexp.kernels.resmlp`.
+use ``alpha = depth^{-gamma}``). The analytic kernel is :func:`resmlp_kernel`
+(the limit of the layer composition).
 
 Parameters as a pytree: ``{"inp": {"W": (d, n), "b": (n,)}, "blocks": {b: {"l1":
 {...}, "l2": {...}}}, "out": {"W": (n, out_dim), "b": (out_dim,)}}``.
@@ -31,6 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.kernels.base import Kernel
+from ntkexp.layers.activation import Activation
+from ntkexp.layers.combinators import residual, serial
+from ntkexp.layers.dense import Dense
+from ntkexp.layers.network import Network, composition_kernel
+from ntkexp.models.registry import ARCHITECTURES, register_architecture
 from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
@@ -96,8 +102,6 @@ class ResMLPApply:
     @property
     def network(self):
         """The :class:`~ntkexp.layers.Network` of the composition (input shape from params)."""
-        from ntkexp.layers.network import Network
-
         return lambda in_dim: Network(resmlp_layers(self.spec), (in_dim,))
 
     def to_layer_params(self, params):
@@ -155,10 +159,6 @@ def resmlp_layers(spec: ResMLPSpec):
         serial(dense(n), residual(act, dense(n), act, dense(n), scale=alpha) x depth,
                act, dense(out_dim))
     """
-    from ntkexp.layers.activation import Activation
-    from ntkexp.layers.combinators import residual, serial
-    from ntkexp.layers.dense import Dense
-
     kw = dict(W_std=spec.W_std, b_std=spec.b_std)
     act = Activation(spec.activation, spec.activation_params)
     blocks = [residual(act, Dense(spec.width, **kw), act, Dense(spec.width, **kw),
@@ -218,14 +218,54 @@ def _build_resmlp(spec: ResMLPSpec, in_dim: int, key, dtype=None):
 
 
 def _resmlp_analytic(spec: ResMLPSpec, x1, x2=None):
-    from ntkexp.layers.network import composition_kernel
-
     return composition_kernel(resmlp_layers(spec), x1, x2)
 
 
-def _register() -> None:
-    from ntkexp.models.registry import ARCHITECTURES, register_architecture
+def resmlp_kernel(spec: ResMLPSpec, x1, x2=None) -> Kernel:
+    """Infinite-width NNGP and NTK of the residual MLP ``spec`` (scalar output).
 
+    The limit of the composition ``spec.layers()`` (:mod:`ntkexp.layers`), for
+    any registered activation (closed form, angular or Mehler fallback). Both
+    kernels add along the skip connection (the residual branch's outputs are
+    independent of the skip at infinite width; Huang et al. 2020, Yang 2019).
+
+    The recursion (NTK parameterization; Huang et al. 2020, section 3, residual
+    NTK with branch scale ``alpha``; Yang & Schoenholz 2017 for the forward
+    variances), with ``T, Tdot`` the activation's dual maps::
+
+        Sigma^0 = W_std^2 <x, x'> / d + b_std^2,          Theta^0 = Sigma^0
+        per block b (input kernels Sigma = Sigma^{b-1}, Theta = Theta^{b-1}):
+          S_1 = W_std^2 T(Sigma) + b_std^2,     H_1 = S_1 + W_std^2 Tdot(Sigma) Theta
+          S_2 = W_std^2 T(S_1)   + b_std^2,     H_2 = S_2 + W_std^2 Tdot(S_1) H_1
+          Sigma^b = Sigma + alpha^2 S_2,        Theta^b = Theta + alpha^2 H_2
+        readout: nngp = W_std^2 T(Sigma^L) + b_std^2,
+                 ntk = nngp + W_std^2 Tdot(Sigma^L) Theta^L
+
+    Args:
+      spec: a :class:`ResMLPSpec` (its ``width`` is ignored).
+      x1: inputs ``(n1, d)``.
+      x2: inputs ``(n2, d)`` or None for ``x2 = x1`` (then exactly symmetric).
+
+    Returns:
+      ``Kernel(nngp=(n1, n2), ntk=(n1, n2))`` in the dtype of the inputs.
+    """
+    if not isinstance(spec, ResMLPSpec):
+        raise TypeError(f"resmlp_kernel needs a ResMLPSpec, got {type(spec).__name__}")
+    x1 = _as_matrix(x1, "x1")
+    x2 = None if x2 is None else _as_matrix(x2, "x2")
+    if x2 is not None and x1.shape[1] != x2.shape[1]:
+        raise ValueError(f"x1 has {x1.shape[1]} features but x2 has {x2.shape[1]}")
+    return _resmlp_analytic(spec, x1, x2)
+
+
+def _as_matrix(x, name: str):
+    x = jnp.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, d), got {tuple(x.shape)}")
+    return x
+
+
+def _register() -> None:
     if "resmlp" not in ARCHITECTURES:
         register_architecture("resmlp", make_spec=ResMLPSpec, analytic=_resmlp_analytic)(
             _build_resmlp

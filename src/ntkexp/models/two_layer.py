@@ -28,6 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from ntkexp.kernels.base import Kernel
+from ntkexp.kernels.special import two_layer_relu_kernel
+from ntkexp.layers.activation import Activation
+from ntkexp.layers.combinators import frozen, serial
+from ntkexp.layers.dense import Dense
 from ntkexp.models.registry import register_architecture
 from ntkexp.models.validation import promote
 
@@ -65,10 +69,6 @@ class TwoLayerSpec:
         :class:`TwoLayerApply` draws ``a`` uniform on ``{-1, +1}``; the limit
         is the same.)
         """
-        from ntkexp.layers.activation import Activation
-        from ntkexp.layers.combinators import frozen, serial
-        from ntkexp.layers.dense import Dense
-
         return serial(Dense(self.width, W_std=self.kappa * math.sqrt(in_dim),
                             parameterization="standard"),
                       Activation("relu"), frozen(Dense(1, readout=True)))
@@ -131,8 +131,6 @@ def two_layer_kernel(spec: TwoLayerSpec, x1, x2=None) -> Kernel:
     between ``x`` and ``x'``. Zero-norm inputs give zero rows (no NaN). Equal
     to the limit of the composition :meth:`TwoLayerSpec.layers`.
     """
-    from ntkexp.kernels.special import two_layer_relu_kernel
-
     return two_layer_relu_kernel(x1, x2, kappa=spec.kappa)
 
 
