@@ -13,7 +13,7 @@ from ntkexp import config as C
 from ntkexp.experiments import double_descent as DD
 from ntkexp.experiments.base import Unit
 from ntkexp.experiments.common import build_ensemble
-from ntkexp.kernels.analytic import analytic_kernel
+from ntkexp.models.analytic import analytic_kernel
 from ntkexp.theory import kernel_regression
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "double_descent.yaml")

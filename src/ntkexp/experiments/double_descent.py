@@ -184,7 +184,7 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.kernels.analytic import analytic_kernel
+    from ntkexp.models.analytic import analytic_kernel
     from ntkexp.theory import kernel_regression
 
     task = Task(cfg, data, NAME)
