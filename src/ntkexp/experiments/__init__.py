@@ -7,9 +7,12 @@ limiting Gaussian, Fig. 2), ``arora2019_finegrained``, ``du2019_fig1``,
 (issue 6), ``mnist1d_finite_vs_infinite`` (MNIST-1D, issue 12) and
 ``kernel_convergence`` (empirical NTK vs its limit for any
 registered architecture, issue 7), ``lazy_vs_rich`` (NTK vs muP vs SP:
-kernel and feature movement, learning-rate transfer, issue 21) and ``woodworth2020`` (the diagonal
+kernel and feature movement, learning-rate transfer, issue 21), ``woodworth2020`` (the diagonal
 linear net's kernel-to-rich crossover against its exact implicit bias,
-issue 21). A plugin module registers more with
+issue 21), ``finite_width_corrections`` (1/n corrections at initialisation: NTK
+fluctuations and the four-point vertex, issue 22) and ``double_descent`` (test
+error against width ending at the kernel limit, issue 22). A plugin module
+registers more with
 :func:`register_experiment` (see ``docs/extending.md``).
 """
 

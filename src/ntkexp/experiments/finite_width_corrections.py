@@ -66,6 +66,7 @@ from ntkexp.kernels.finite_width import (
     fit_through_origin,
     moment_ratio,
     normalized_variance,
+    ntk_sum_coefficient,
     relu_output_vertex_exact,
     vertex_recursion,
     vertex_slope,
@@ -125,19 +126,24 @@ def make_spec(activation: str, depth: int, width: int):
                    parameterization="ntk", out_dim=1)
 
 
+def draw_params(template, key, depth: int):
+    """One member's parameters in ``template``'s layout: weights ``N(0, 1)`` from
+    ``key`` (split per layer), biases zero."""
+    layers = template["layers"]
+    ks = jax.random.split(key, depth + 1)
+    return {"layers": {i: {"W": jax.random.normal(ks[i], layers[i]["W"].shape,
+                                                  layers[i]["W"].dtype),
+                           "b": jnp.zeros_like(layers[i]["b"])}
+                       for i in range(depth + 1)}}
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _chunk_stats(apply_fn, depth: int, keys, x, template):
     """Per member: squared gradient norms of each layer's weights and biases
     ``(C, depth + 1, 2)``, and the output ``(C,)``; member ``c``'s weights are
     ``N(0, 1)`` from ``keys[c]``, its biases zero."""
-    layers = template["layers"]
-
     def one(k):
-        ks = jax.random.split(k, depth + 1)
-        p = {"layers": {i: {"W": jax.random.normal(ks[i], layers[i]["W"].shape,
-                                                   layers[i]["W"].dtype),
-                            "b": jnp.zeros_like(layers[i]["b"])}
-                        for i in range(depth + 1)}}
+        p = draw_params(template, k, depth)
         f, g = jax.value_and_grad(lambda q: apply_fn(q, x[None, :])[0, 0])(p)
         sq = jnp.stack([jnp.stack([jnp.sum(g["layers"][i]["W"] ** 2),
                                    jnp.sum(g["layers"][i]["b"] ** 2)])
@@ -231,13 +237,73 @@ def ntk_diagonal(layers, depth: int, width: int, in_dim: int, c_w: float,
     return (sq[..., 0] * fan_in / c_w).sum(-1) + sq[..., 1].sum(-1)
 
 
+def _fluctuation_summary(cfg, results, ntk_samples, mid_samples, betas, inv_widths):
+    """The ReLU NTK fluctuation fits (see :func:`summarize`)."""
+    p = cfg.params
+    widths = [int(w) for w in results["widths"]]
+    in_dim = int(cfg.data.dim)
+    summary = {}
+    ri = list(p.activations).index("relu")
+    b = np.asarray(betas)
+    inv_n = np.asarray(inv_widths)
+    mask = b <= p.fit_beta_max
+    X = np.stack([b, inv_n], 1) if p.fluctuation_fit == "slope" else b
+    c, ci, _ = bootstrap_fit(np.stack(ntk_samples), X, moment_ratio, np.log, mask,
+                             resamples=p.bootstrap, seed=cfg.seed)
+    summary["fluctuation_origin_fit_relu"] = fit_through_origin(
+        b, np.log(moment_ratio(np.stack(ntk_samples))), mask)
+    other = {}
+    for wname in ("weights_biases", "weights", "standard"):
+        ks = [ntk_diagonal(np.asarray(results["ntk_layers"][wi, 0], np.float64)[:, ri, di],
+                           d, w, in_dim, CRITICAL_CW["relu"], wname)
+              for wi, w in enumerate(widths) for di, d in enumerate(p.depths)]
+        other[wname] = float(fit_linear(X, np.log(moment_ratio(np.stack(ks))), mask)[0])
+    summary["fluctuation_coefficient_by_weighting"] = other
+    cm, cmi, _ = bootstrap_fit(np.stack(mid_samples), X, moment_ratio, np.log, mask,
+                               resamples=p.bootstrap, seed=cfg.seed + 2)
+    summary["fluctuation_coefficient_relu_mid_layer"] = cm
+    summary["fluctuation_coefficient_relu_mid_layer_ci"] = list(cmi)
+    th = ntk_sum_coefficient("relu", CRITICAL_CW["relu"])
+    summary["fluctuation_coefficient_sum_derived"] = th["sum"]
+    summary["fluctuation_coefficient_mid_layer_derived"] = th["single_mid"]
+    summary["fluctuation_derived_moments"] = {k: th[k] for k in ("v_f", "v_b", "c")}
+    summary.update(fluctuation_coefficient_relu=c, fluctuation_coefficient_relu_ci=list(ci),
+                   fluctuation_coefficient_theory=THEORY_FLUCTUATION,
+                   fluctuation_fit_cells=int(mask.sum()),
+                   fluctuation_fit=p.fluctuation_fit)
+    return summary
+
+
+def _vertex_summary(cfg, results, per_act):
+    """The four-point vertex fits per activation (see :func:`summarize`)."""
+    p = cfg.params
+    summary = {}
+    for act in p.activations:
+        x = np.asarray(per_act[act]["x"])
+        mask = x <= p.vertex_fit_max
+        s, ci, _ = bootstrap_fit(np.stack(per_act[act]["ghat"]), x, normalized_variance,
+                                 lambda v: v, mask, resamples=p.bootstrap, seed=cfg.seed + 1)
+        cells_theory = fit_through_origin(x, np.asarray(per_act[act]["theory"]), mask)
+        summary[f"vertex_slope_{act}"] = s
+        summary[f"vertex_slope_{act}_ci"] = list(ci)
+        summary[f"vertex_slope_{act}_theory"] = float(np.asarray(results[f"limit_slope_{act}"]))
+        summary[f"vertex_slope_{act}_theory_cells"] = cells_theory
+        summary[f"vertex_slope_{act}_consistent"] = bool(ci[0] <= cells_theory <= ci[1])
+        summary[f"vertex_fit_cells_{act}"] = int(mask.sum())
+        if act == "relu":
+            ex = fit_through_origin(x, np.asarray(per_act[act]["exact"]), mask)
+            summary["vertex_slope_relu_exact_cells"] = ex
+            summary["vertex_slope_relu_exact_consistent"] = bool(ci[0] <= ex <= ci[1])
+    return summary
+
+
 def summarize(cfg, results):
     p = cfg.params
     widths = [int(w) for w in results["widths"]]
     in_dim = int(cfg.data.dim)
     cells, rows = [], []
     per_act = {a: {"x": [], "ghat": [], "theory": [], "exact": []} for a in p.activations}
-    ntk_samples, betas, inv_widths = [], [], []
+    ntk_samples, betas, inv_widths, mid_samples = [], [], [], []
     for wi, w in enumerate(widths):
         lay = np.asarray(results["ntk_layers"][wi, 0], np.float64)  # (K, A, D, Dmax+1)
         gh = np.asarray(results["ghat"][wi, 0], np.float64)         # (K, A, D)
@@ -256,6 +322,9 @@ def summarize(cfg, results):
                     k = ntk_diagonal(lay[:, ai, di], d, w, in_dim, CRITICAL_CW[act],
                                      p.ntk_weighting)
                     ratio = float(moment_ratio(k))
+                    mid = lay[:, ai, di, d // 2, 0]    # one weight term, mid-depth
+                    mid_samples.append(mid)
+                    cell["log_mid_layer_ratio"] = float(np.log(moment_ratio(mid)))
                     cell.update(ntk_mean=float(k.mean()), ntk_ratio=ratio,
                                 log_ntk_ratio=float(np.log(ratio)),
                                 theory_log_ratio=THEORY_FLUCTUATION * beta,
@@ -272,41 +341,9 @@ def summarize(cfg, results):
                "inits": int(np.asarray(results["ghat"]).shape[2]),
                "bootstrap": p.bootstrap}
     if ntk_samples:
-        ri = list(p.activations).index("relu")
-        b = np.asarray(betas)
-        inv_n = np.asarray(inv_widths)
-        mask = b <= p.fit_beta_max
-        X = np.stack([b, inv_n], 1) if p.fluctuation_fit == "slope" else b
-        c, ci, _ = bootstrap_fit(np.stack(ntk_samples), X, moment_ratio, np.log, mask,
-                                 resamples=p.bootstrap, seed=cfg.seed)
-        summary["fluctuation_origin_fit_relu"] = fit_through_origin(
-            b, np.log(moment_ratio(np.stack(ntk_samples))), mask)
-        other = {}
-        for wname in ("weights_biases", "weights", "standard"):
-            ks = [ntk_diagonal(np.asarray(results["ntk_layers"][wi, 0], np.float64)[:, ri, di],
-                               d, w, in_dim, CRITICAL_CW["relu"], wname)
-                  for wi, w in enumerate(widths) for di, d in enumerate(p.depths)]
-            other[wname] = float(fit_linear(X, np.log(moment_ratio(np.stack(ks))), mask)[0])
-        summary["fluctuation_coefficient_by_weighting"] = other
-        summary.update(fluctuation_coefficient_relu=c, fluctuation_coefficient_relu_ci=list(ci),
-                       fluctuation_coefficient_theory=THEORY_FLUCTUATION,
-                       fluctuation_fit_cells=int(mask.sum()),
-                       fluctuation_fit=p.fluctuation_fit)
-    for act in p.activations:
-        x = np.asarray(per_act[act]["x"])
-        mask = x <= p.vertex_fit_max
-        s, ci, _ = bootstrap_fit(np.stack(per_act[act]["ghat"]), x, normalized_variance,
-                                 lambda v: v, mask, resamples=p.bootstrap, seed=cfg.seed + 1)
-        cells_theory = fit_through_origin(x, np.asarray(per_act[act]["theory"]), mask)
-        summary[f"vertex_slope_{act}"] = s
-        summary[f"vertex_slope_{act}_ci"] = list(ci)
-        summary[f"vertex_slope_{act}_theory"] = float(np.asarray(results[f"limit_slope_{act}"]))
-        summary[f"vertex_slope_{act}_theory_cells"] = cells_theory
-        summary[f"vertex_slope_{act}_consistent"] = bool(ci[0] <= cells_theory <= ci[1])
-        summary[f"vertex_fit_cells_{act}"] = int(mask.sum())
-        if act == "relu":
-            summary["vertex_slope_relu_exact_cells"] = fit_through_origin(
-                x, np.asarray(per_act[act]["exact"]), mask)
+        summary.update(_fluctuation_summary(cfg, results, ntk_samples, mid_samples, betas,
+                                            inv_widths))
+    summary.update(_vertex_summary(cfg, results, per_act))
     summary["cells"] = cells
     summary["metric_definitions"] = (
         "ntk_ratio: mean(K^2)/mean(K)^2 over inits of the NTK diagonal at one input; "
@@ -315,6 +352,37 @@ def summarize(cfg, results):
         "through the origin; intervals: 95% percentile bootstrap over inits; see "
         "ntkexp.experiments.finite_width_corrections")
     return summary, rows
+
+
+def _plot_fluctuations(ax, relu, summary):
+    """Panel 1: log NTK moment ratio against beta, per depth, with the laws."""
+    import matplotlib.pyplot as plt
+
+    depths = sorted({c["depth"] for c in relu})
+    cmap = plt.get_cmap("viridis")
+    for i, d in enumerate(depths):
+        cs = [c for c in relu if c["depth"] == d]
+        ax.plot([c["beta"] for c in cs], [c["log_ntk_ratio"] for c in cs], "o",
+                color=cmap(i / max(len(depths) - 1, 1)), ms=4, label=f"depth {d}")
+    bb = np.geomspace(min(c["beta"] for c in relu), max(c["beta"] for c in relu), 50)
+    ax.plot(bb, THEORY_FLUCTUATION * bb, "k-", lw=1.2, label="5 beta (Hanin & Nica)")
+    if "fluctuation_coefficient_sum_derived" in summary:
+        cs = summary["fluctuation_coefficient_sum_derived"]
+        ax.plot(bb, cs * bb, "k:", lw=1.2, label=f"{cs:.2f} beta (derived, NTK sum)")
+        ax.plot([c["beta"] for c in relu], [c["log_mid_layer_ratio"] for c in relu],
+                "x", color="tab:orange", ms=4, label="one mid-depth weight term")
+    c = summary["fluctuation_coefficient_relu"]
+    lo, hi = summary["fluctuation_coefficient_relu_ci"]
+    ax.plot(bb, c * bb, "r--", lw=1.0, label=f"fitted slope {c:.2f} [{lo:.2f}, {hi:.2f}]")
+    ax.axvline(summary["fit_beta_max"], color="0.6", ls=":", lw=1,
+               label="fit range edge")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("beta = depth / width")
+    ax.set_ylabel("log E[K(x,x)^2] / E[K(x,x)]^2")
+    ax.set_title("ReLU NTK diagonal fluctuations", fontsize=9)
+    ax.legend(fontsize=6.5)
+    ax.grid(alpha=0.3)
 
 
 def plot(results, summary, cfg_dict, fig_dir):
@@ -328,29 +396,9 @@ def plot(results, summary, cfg_dict, fig_dir):
     cells = summary["cells"]
     acts = sorted({c["activation"] for c in cells}, key=["relu", "tanh"].index)
     fig, axes = plt.subplots(1, 1 + len(acts), figsize=(5.2 * (1 + len(acts)), 4.2))
-    ax = axes[0]
     relu = [c for c in cells if c["activation"] == "relu"]
     if relu:
-        depths = sorted({c["depth"] for c in relu})
-        cmap = plt.get_cmap("viridis")
-        for i, d in enumerate(depths):
-            cs = [c for c in relu if c["depth"] == d]
-            ax.plot([c["beta"] for c in cs], [c["log_ntk_ratio"] for c in cs], "o",
-                    color=cmap(i / max(len(depths) - 1, 1)), ms=4, label=f"depth {d}")
-        bmax = max(c["beta"] for c in relu)
-        bb = np.linspace(0, bmax, 50)
-        ax.plot(bb, THEORY_FLUCTUATION * bb, "k-", lw=1.2, label="5 beta (Hanin & Nica)")
-        c = summary["fluctuation_coefficient_relu"]
-        lo, hi = summary["fluctuation_coefficient_relu_ci"]
-        ax.plot(bb, c * bb, "r--", lw=1.0, label=f"fit {c:.2f} [{lo:.2f}, {hi:.2f}] beta")
-        ax.axvline(summary["fit_beta_max"], color="0.6", ls=":", lw=1,
-                   label="fit range edge")
-        ax.set_xscale("symlog", linthresh=0.01)
-        ax.set_xlabel("beta = depth / width")
-        ax.set_ylabel("log E[K(x,x)^2] / E[K(x,x)]^2")
-        ax.set_title("ReLU NTK diagonal fluctuations", fontsize=9)
-        ax.legend(fontsize=6.5)
-        ax.grid(alpha=0.3)
+        _plot_fluctuations(axes[0], relu, summary)
     for ax, act in zip(axes[1:], acts, strict=True):
         cs = [c for c in cells if c["activation"] == act]
         xs = np.asarray([c["beta"] for c in cs])
