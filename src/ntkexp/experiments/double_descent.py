@@ -63,6 +63,9 @@ from ntkexp.experiments.common import (
     per_member,
     train_ensemble,
 )
+from ntkexp.models.analytic import analytic_kernel
+from ntkexp.plotting import save_figure
+from ntkexp.theory import kernel_regression
 
 NAME = "double_descent"
 
@@ -184,9 +187,6 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.models.analytic import analytic_kernel
-    from ntkexp.theory import kernel_regression
-
     task = Task(cfg, data, NAME)
     spec = cfg.model.spec(1)
     x, xt = np.asarray(task.x, np.float64), np.asarray(task.x_test, np.float64)
@@ -297,8 +297,6 @@ def plot(results, summary, cfg_dict, fig_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     pw = summary["per_width"]
     widths = [int(w) for w in results["widths"]]

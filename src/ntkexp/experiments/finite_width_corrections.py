@@ -71,6 +71,9 @@ from ntkexp.kernels.finite_width import (
     vertex_recursion,
     vertex_slope,
 )
+from ntkexp.models import ARCHITECTURES
+from ntkexp.models.mlp import MLPSpec
+from ntkexp.plotting import save_figure
 
 NAME = "finite_width_corrections"
 #: ``C_W`` at criticality, zero bias (PDLT sec. 5.2: ReLU's scale-invariant class at
@@ -119,8 +122,6 @@ def make_spec(activation: str, depth: int, width: int):
     multiplier 1 (``z = W_std / sqrt(n_in) W a + b``): :func:`cell_stats` sets them to
     zero, so the forward pass is the zero-bias net and ``df/db_l`` is the backward
     vector of layer ``l`` (the bias part of Hanin & Nica's kernel)."""
-    from ntkexp.models.mlp import MLPSpec
-
     return MLPSpec(depth=int(depth), width=int(width), activation=activation,
                    W_std=math.sqrt(CRITICAL_CW[activation]), b_std=1.0,
                    parameterization="ntk", out_dim=1)
@@ -160,8 +161,6 @@ def cell_stats(cfg, activation: str, a_index: int, depth: int, d_index: int, wid
 
     Member ``i``'s key is ``init`` stream ``(i, a_index, d_index)``, so a member's
     numbers do not depend on the other members computed with it."""
-    from ntkexp.models import ARCHITECTURES
-
     spec = make_spec(activation, depth, width)
     apply_fn, template = ARCHITECTURES.get("mlp").build(spec, x.shape[0],
                                                         jax.random.PRNGKey(0), x.dtype)
@@ -390,8 +389,6 @@ def plot(results, summary, cfg_dict, fig_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     cells = summary["cells"]
     acts = sorted({c["activation"] for c in cells}, key=["relu", "tanh"].index)
