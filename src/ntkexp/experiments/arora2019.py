@@ -67,6 +67,9 @@ from ntkexp.experiments.common import (
     per_member,
     train_ensemble,
 )
+from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
+from ntkexp.plotting import save_figure
+from ntkexp.theory import gd_loss_curve, generalization_bound, ntk_predict
 
 NAME = "arora2019_finegrained"
 
@@ -226,8 +229,6 @@ def learning_rate(cfg, H) -> float:
 
 def init_params(cfg, width: int, in_dim: int, key, dtype):
     """``(apply_fn, params)`` of the two-layer net (symmetric or standard init)."""
-    from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
-
     spec = TwoLayerSpec(int(width), cfg.params.kappa)
     if cfg.params.init == "standard":
         return TwoLayerApply(spec), init_two_layer(spec, in_dim, key, dtype)
@@ -244,8 +245,6 @@ def _error(f, y) -> float:
 
 
 def compute_unit(cfg, data, unit, progress):
-    from ntkexp.theory import gd_loss_curve
-
     task = Task(cfg, data)
     x, dt = task.x, task.dtype
     H = gram_inf(x)
@@ -279,8 +278,6 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.theory import gd_loss_curve, generalization_bound, ntk_predict
-
     task = Task(cfg, data)
     x, dt = task.x, task.dtype
     H = gram_inf(x)
@@ -396,8 +393,6 @@ def plot(results, summary, cfg_dict, fig_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     colors = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
     fr = np.asarray(results["limit_fractions"], np.float64)

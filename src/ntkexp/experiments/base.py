@@ -51,8 +51,12 @@ import numpy as np
 import yaml
 
 from ntkexp import config, io
+from ntkexp.config import ConfigError
+from ntkexp.data import DataError
 from ntkexp.experiments import checks, distributed, provenance, streams
+from ntkexp.models import ARCHITECTURES
 from ntkexp.registry import Registry, RegistryError
+from ntkexp.sharding import maybe_init_distributed
 
 
 class UserError(ValueError):
@@ -211,8 +215,6 @@ def setup_runtime(cfg) -> tuple[Any, Any]:
     """
     enable_compile_cache()
     if cfg.distributed.enabled:
-        from ntkexp.sharding import maybe_init_distributed
-
         maybe_init_distributed(dataclasses.asdict(cfg.distributed))
     if cfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -415,8 +417,6 @@ ENSEMBLE_BYTES = 1 << 30
 def member_bytes(cfg, width: int, in_dim: int, dtype) -> int:
     """Bytes of one network's parameters at ``width`` (abstract build: nothing runs);
     0 if the builder cannot be traced."""
-    from ntkexp.models import ARCHITECTURES
-
     arch = ARCHITECTURES.get(cfg.model.arch)
     try:
         shapes = jax.eval_shape(lambda k: arch.build(cfg.model.spec(width), in_dim, k,
@@ -443,10 +443,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ntkexp.config import ConfigError
-    from ntkexp.data import DataError
-    from ntkexp.registry import RegistryError
-
     return (UserError, ConfigError, DataError, RegistryError)
 
 
