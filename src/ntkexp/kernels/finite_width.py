@@ -202,5 +202,6 @@ def relu_output_vertex_exact(widths) -> float:
     return float(np.prod([1.0 + 5.0 / n for n in widths]) - 1.0)
 
 
-__all__ = ["bootstrap_fit", "fit_linear", "fit_through_origin", "moment_ratio", "normalized_variance",
-           "relu_output_vertex_exact", "vertex_recursion", "vertex_slope"]
+__all__ = ["bootstrap_fit", "fit_linear", "fit_through_origin", "moment_ratio",
+           "normalized_variance", "relu_output_vertex_exact", "vertex_recursion",
+           "vertex_slope"]
