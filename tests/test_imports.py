@@ -14,10 +14,16 @@ import pytest
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 
-# Modules of issue 20 (the config <-> experiments and plotting <-> experiments circles and
-# their lazy imports): tolerated here until that fix is merged; then empty this set.
-PENDING_ISSUE_20 = ("ntkexp.config", "ntkexp.cli", "ntkexp.plotting", "ntkexp.experiments",
-                    "ntkexp.empirical")
+# Modules whose function-level ntkexp imports are still tolerated, each with its reason.
+# (A plug-in loaded by name goes through importlib, an optional dependency is not an ntkexp
+# module: neither is an ``import`` statement the checks below see, so neither needs a line.)
+# Temporary: modules two other helpers are still changing (gallery.py has none today).
+LAZY_IMPORTS_ALLOWED = {
+    "ntkexp.experiments.mnist1d": "lead: hoist after the h22/h23 merge",
+    "ntkexp.experiments.finite_width_corrections": "lead: hoist after the h22/h23 merge",
+    "ntkexp.experiments.double_descent": "lead: hoist after the h22/h23 merge",
+    "ntkexp.gallery": "lead: hoist after the h22/h23 merge",
+}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -121,15 +127,15 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_circle():
     """Counting imports inside functions too (the ones that used to dodge circles)."""
     edges = {name: {t for t, _, _ in _imports(name)} for name in MODULES}
-    cycles = [c for c in _cycles(edges) if not all(_under(m, PENDING_ISSUE_20) for m in c)]
+    cycles = _cycles(edges)
     assert not cycles, cycles
 
 
 def test_function_level_imports_only_for_plugins_and_optional_deps():
-    """No ntkexp import inside a function outside the issue-20 modules (each such import
+    """No ntkexp import inside a function outside the named exceptions (each such import
     was a dodge of a circle; the order above makes them top-level)."""
     bad = [f"{name}:{line} imports {t} inside a function" for name in MODULES
-           if not _under(name, PENDING_ISSUE_20)
+           if name not in LAZY_IMPORTS_ALLOWED
            for t, line, in_fn in _imports(name) if in_fn]
     assert not bad, "\n".join(bad)
 

@@ -39,6 +39,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ntkexp import config as C
+from ntkexp import io
+from ntkexp.activations import ACTIVATIONS
+from ntkexp.config import ConfigError
+from ntkexp.data import DATASETS, TARGETS, DataError
+from ntkexp.experiments import EXPERIMENTS, checks, plot_run, run
+from ntkexp.experiments.base import UserError
+from ntkexp.gallery import cli_main
+from ntkexp.layers.registry import LAYERS
+from ntkexp.models import ARCHITECTURES
+from ntkexp.optim import OPTIMIZERS
+from ntkexp.registry import RegistryError
+
 USAGE_ERROR = 2
 RUN_ERROR = 1
 
@@ -126,9 +139,6 @@ def default_run_dir(config_path: str, preset: str | None) -> str:
 
 
 def _cmd_run(args) -> int:
-    from ntkexp import config as C
-    from ntkexp.experiments import checks, run
-
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
     out = args.out or default_run_dir(args.config, args.preset)
     existed = os.path.exists(out)
@@ -158,11 +168,6 @@ def _cmd_run(args) -> int:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from ntkexp.config import ConfigError
-    from ntkexp.data import DataError
-    from ntkexp.experiments.base import UserError
-    from ntkexp.registry import RegistryError
-
     return (_OneLineError, ConfigError, UserError, DataError, RegistryError)
 
 
@@ -205,9 +210,6 @@ def _tidy_failed_run(out: str, existed: bool) -> int:
 def _cmd_validate(args) -> int:
     import jax
 
-    from ntkexp import config as C
-    from ntkexp.experiments import EXPERIMENTS, checks
-
     cfg = C.load(args.config, preset=args.preset, overrides=args.overrides)
     if cfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -222,27 +224,16 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from ntkexp.experiments import plot_run
-
     for path in plot_run(args.run_dir):
         print(path)
     return 0
 
 
 def _cmd_gallery(args) -> int:
-    from ntkexp.gallery import cli_main
-
     return cli_main(args)
 
 
 def _registries() -> list[tuple[str, list[str]]]:
-    from ntkexp.activations import ACTIVATIONS
-    from ntkexp.data import DATASETS, TARGETS
-    from ntkexp.experiments import EXPERIMENTS
-    from ntkexp.layers.registry import LAYERS
-    from ntkexp.models import ARCHITECTURES
-    from ntkexp.optim import OPTIMIZERS
-
     return [("experiments", EXPERIMENTS.names()),
             ("architectures", ARCHITECTURES.names()),
             ("layer kinds", LAYERS.names()),
@@ -253,8 +244,6 @@ def _registries() -> list[tuple[str, list[str]]]:
 
 
 def _cmd_list(args) -> int:
-    from ntkexp import config as C
-
     before = dict(_registries())
     if args.config is not None:
         data = C.read_yaml(args.config)
@@ -285,8 +274,6 @@ def require_gpu() -> list:
     """The GPU devices JAX sees; a :class:`UserError` (one line) when there are none."""
     import jax
 
-    from ntkexp.experiments.base import UserError
-
     try:
         gpus = jax.devices("gpu")
     except RuntimeError:
@@ -307,10 +294,6 @@ def _cmd_gpu_check(args) -> int:
     import time
 
     import jax
-
-    from ntkexp import config as C
-    from ntkexp import io
-    from ntkexp.experiments import run
 
     gpus = require_gpu()
     configs = args.configs or list(GPU_CHECK_CONFIGS)
@@ -359,11 +342,6 @@ def _cmd_gpu_check(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ntkexp`` console script; returns the exit status."""
-    from ntkexp.config import ConfigError
-    from ntkexp.data import DataError
-    from ntkexp.experiments.base import UserError
-    from ntkexp.registry import RegistryError
-
     try:
         args = _parser().parse_args(argv)
         cmd = {"run": _cmd_run, "plot": _cmd_plot, "validate": _cmd_validate,

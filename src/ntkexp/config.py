@@ -129,69 +129,98 @@ def _convert(value, tp, where: str):
     origin = typing.get_origin(tp)
     if tp is Any:
         return _freeze(value)
-    if tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return _freeze(value)
     if tp is type(None):
         if value is None:
             return None
         raise ConfigError(f"{where}: expected null, got {value!r}")
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        # try the non-list alternatives first so that "5" stays a scalar
-        errors = []
-        for a in sorted(args, key=lambda a: typing.get_origin(a) in (tuple, list)):
-            try:
-                return _convert(value, a, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return _convert_union(value, tp, where)
     if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value in allowed and not isinstance(value, bool):
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, "
-                          f"got {value!r}{hint}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item = args[0] if args else Any
-        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        return _convert_literal(value, tp, where)
+    if tp in (tuple, list) or origin in (tuple, list):
+        return _convert_list(value, tp, where)
     if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        args = typing.get_args(tp)
-        vt = args[1] if len(args) == 2 else Any
-        return types.MappingProxyType(
-            {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()})
+        return _convert_mapping(value, tp, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path=where.split(": ", 1)[-1] if ": " in where else where,
                          source=where.split(": ", 1)[0] if ": " in where else "")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, where)
     raise TypeError(f"config schema: unsupported annotation {tp!r} at {where}")
+
+
+def _convert_union(value, tp, where: str):
+    """The first alternative of ``tp`` that accepts ``value``; the non-list alternatives
+    are tried first so that "5" stays a scalar."""
+    for a in sorted(typing.get_args(tp), key=lambda a: typing.get_origin(a) in (tuple, list)):
+        try:
+            return _convert(value, a, where)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_literal(value, tp, where: str):
+    allowed = typing.get_args(tp)
+    if value in allowed and not isinstance(value, bool):
+        return value
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, "
+                      f"got {value!r}{hint}")
+
+
+def _convert_list(value, tp, where: str):
+    """A bare ``tuple`` / ``list`` keeps its items as given; ``tuple[T, ...]`` converts each."""
+    if tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return _freeze(value)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    item = args[0] if args else Any
+    return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _convert_mapping(value, tp, where: str):
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    args = typing.get_args(tp)
+    vt = args[1] if len(args) == 2 else Any
+    return types.MappingProxyType(
+        {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()})
+
+
+def _convert_bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _convert_int(value, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _convert_float(value, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return float(value)
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _convert_str(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _convert_bool, int: _convert_int, float: _convert_float, str: _convert_str}
 
 
 def _freeze(value):
@@ -413,18 +442,37 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    name, arch = _model_arch(data, path, source)
+    accepted, defaults, open_kw = spec_fields(arch.make_spec)
+    if not open_kw and "width" not in accepted:
+        raise ConfigError(f"{where}: architecture {name!r} has a spec without a 'width' "
+                          "field, which every architecture needs (the runner sweeps it)")
+    _check_model_keys(data, name, accepted, open_kw, path, source)
+    base = _model_common_keys(data, defaults)
+    cfg = from_dict(ModelConfig, base, path=path, source=source)
+    extra = _model_extra_keys(data, base, accepted, path, source)
+    cfg = dataclasses.replace(cfg, extra=types.MappingProxyType(extra),
+                              given=tuple(str(k) for k in data))
+    _check_model_values(cfg, name, accepted, open_kw, path, source)
+    return cfg
+
+
+def _model_arch(data: Mapping, path: str, source: str):
+    """``(name, registered architecture)`` of ``data["arch"]`` (default ``mlp``)."""
     name = data.get("arch", "mlp")
     if not isinstance(name, str):
         raise ConfigError(f"{_where(source, _join(path, 'arch'))}: expected a string, got "
                           f"{name!r}")
     try:
-        arch = ARCHITECTURES.get(name)
+        return name, ARCHITECTURES.get(name)
     except RegistryError as e:
         raise ConfigError(f"{_where(source, _join(path, 'arch'))}: {e}") from None
-    accepted, defaults, open_kw = spec_fields(arch.make_spec)
-    if not open_kw and "width" not in accepted:
-        raise ConfigError(f"{where}: architecture {name!r} has a spec without a 'width' "
-                          "field, which every architecture needs (the runner sweeps it)")
+
+
+def _check_model_keys(data: Mapping, name: str, accepted: Mapping, open_kw: bool,
+                      path: str, source: str) -> None:
+    """Every key of ``data`` is one the architecture's spec takes (any, for a spec with
+    ``**kwargs``, except ``extra`` / ``given``)."""
     known = ["arch"] + [k for k in accepted if k != "arch"]
     for key in data:
         if key == "arch" or open_kw and key not in ("extra", "given"):
@@ -434,13 +482,24 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{_where(source, _join(path, key))}: unknown key for "
                               f"architecture {name!r}{hint}; its keys: {', '.join(known)}")
+
+
+def _model_common_keys(data: Mapping, defaults: Mapping) -> dict:
+    """The keys of ``data`` that are :class:`ModelConfig` fields (and ``arch``); a common
+    key left out takes the spec's own default, unless that does not fit the field."""
     base = {k: v for k, v in data.items() if k in _COMMON_MODEL_KEYS or k == "arch"}
     hints = typing.get_type_hints(ModelConfig)
-    for k in _COMMON_MODEL_KEYS:  # a common key left out takes the spec's own default
+    for k in _COMMON_MODEL_KEYS:
         if k not in base and k in defaults and k != "width":
-            with contextlib.suppress(ConfigError, TypeError):  # unless it does not fit
+            with contextlib.suppress(ConfigError, TypeError):
                 base[k] = _convert(defaults[k], hints[k], k)
-    cfg = from_dict(ModelConfig, base, path=path, source=source)
+    return base
+
+
+def _model_extra_keys(data: Mapping, base: Mapping, accepted: Mapping, path: str,
+                      source: str) -> dict:
+    """The architecture's own keys, each checked against its spec field's annotation
+    (kept as given where the schema layer does not know the annotation)."""
     extra = {}
     for k, v in data.items():
         if k in base:
@@ -448,10 +507,14 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
         w = _where(source, _join(path, k))
         try:
             extra[k] = _convert(v, accepted.get(k, Any), w)
-        except TypeError:  # an annotation the schema layer does not know: keep as given
+        except TypeError:
             extra[k] = _freeze(v)
-    cfg = dataclasses.replace(cfg, extra=types.MappingProxyType(extra),
-                              given=tuple(str(k) for k in data))
+    return extra
+
+
+def _check_model_values(cfg: ModelConfig, name: str, accepted: Mapping, open_kw: bool,
+                        path: str, source: str) -> None:
+    """The activation is registered and the spec builds at the first width."""
     if open_kw or "activation" in accepted:
         try:
             ACTIVATIONS.get(cfg.activation)
@@ -463,9 +526,8 @@ def model_from_dict(data, *, path: str = "model", source: str = "") -> ModelConf
         raise ConfigError(f"{_where(source, _join(path, e.path))}: {e.msg}") from None
     except (TypeError, ValueError) as e:
         msg = " ".join(str(e).split())
-        raise ConfigError(f"{where}: architecture {name!r} rejects these settings: {msg}") \
-            from None
-    return cfg
+        raise ConfigError(f"{_where(source, path)}: architecture {name!r} rejects these "
+                          f"settings: {msg}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -756,12 +818,32 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
       The frozen :class:`RunConfig`.
     """
     data = copy.deepcopy(dict(data))
+    _check_top_keys(data, source, list_known=True)
+    _apply_preset_and_overrides(data, source, preset, overrides)
+    _check_top_keys(data, source)  # an override may have introduced a misspelt key
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError(f"{_where(source, 'plugins')}: expected a list of module names")
+    import_plugins(plugins, source)
+    name, exp = _experiment_schema(data, source, schemas)
+    _resolve_data_path(data, source)
+    cfg = _build_run_config(data, name, exp, source, preset)
+    _check_run_config(cfg, exp, source)
+    return cfg
+
+
+def _check_top_keys(data: Mapping, source: str, *, list_known: bool = False) -> None:
     for key in data:
         if key not in _TOP_KEYS:
             close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{_where(source, str(key))}: unknown key{hint}; known keys: "
-                              f"{', '.join(_TOP_KEYS)}")
+            known = f"; known keys: {', '.join(_TOP_KEYS)}" if list_known else ""
+            raise ConfigError(f"{_where(source, str(key))}: unknown key{hint}{known}")
+
+
+def _apply_preset_and_overrides(data: dict, source: str, preset: str | None,
+                                overrides: Sequence[str | tuple[str, Any]]) -> None:
+    """Apply ``data["presets"][preset]`` then ``overrides`` to ``data`` in place."""
     presets = data.get("presets") or {}
     if not isinstance(presets, dict) or any(not isinstance(v, dict) for v in presets.values()):
         raise ConfigError(f"{_where(source, 'presets')}: expected a mapping of preset name "
@@ -778,17 +860,11 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     for ov in overrides:
         k, v = parse_override(ov) if isinstance(ov, str) else ov
         apply_override(data, k, v)
-    for key in data:  # an override may have introduced a misspelt top-level key
-        if key not in _TOP_KEYS:
-            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{_where(source, str(key))}: unknown key{hint}")
 
-    plugins = data.get("plugins") or []
-    if not isinstance(plugins, list):
-        raise ConfigError(f"{_where(source, 'plugins')}: expected a list of module names")
-    import_plugins(plugins, source)
 
+def _experiment_schema(data: Mapping, source: str,
+                       schemas: Registry[SectionSchema] | None) -> tuple[str, SectionSchema]:
+    """``(name, schema)`` of the config's ``experiment`` key."""
     schemas = SECTION_SCHEMAS if schemas is None else schemas
     if not len(schemas):
         raise ConfigError(f"{_where(source, 'experiment')}: no experiment kinds are "
@@ -801,18 +877,26 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     if not isinstance(name, str):
         raise ConfigError(f"{_where(source, 'experiment')}: expected a string, got {name!r}")
     try:
-        exp = schemas.get(name)
+        return name, schemas.get(name)
     except RegistryError as e:
         raise ConfigError(f"{_where(source, 'experiment')}: {e}") from None
 
+
+def _resolve_data_path(data: Mapping, source: str) -> None:
+    """A relative ``data.path`` is read from the config's own folder, not the working one
+    (made absolute in place); ``~`` is expanded."""
     dsec = data.get("data")
     if isinstance(dsec, dict) and isinstance(dsec.get("path"), str) and dsec["path"] \
             and not os.path.isabs(os.path.expanduser(dsec["path"])):
-        # a relative data file is read from the config's own folder, not the working one
         base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
         dsec["path"] = os.path.normpath(os.path.join(base, dsec["path"]))
     elif isinstance(dsec, dict) and isinstance(dsec.get("path"), str):
         dsec["path"] = os.path.expanduser(dsec["path"])
+
+
+def _build_run_config(data: Mapping, name: str, exp: SectionSchema, source: str,
+                      preset: str | None) -> RunConfig:
+    """Every section checked against its schema, frozen into a :class:`RunConfig`."""
     sections = {}
     sections["model"] = model_from_dict(data.get("model"), path="model", source=source)
     for key, cls in (("data", DataConfig), ("train", TrainConfig), ("params", exp.params)):
@@ -826,10 +910,14 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
     top.pop("experiment")
     # reuse the schema layer for the scalar top-level keys
     scalars = from_dict(_TopLevel, top, source=source)
-    cfg = RunConfig(experiment=name, **sections, seed=scalars.seed, dtype=scalars.dtype,
-                    device=scalars.device, plugins=scalars.plugins,
-                    description=scalars.description, presets=scalars.presets,
-                    source=source, preset=preset)
+    return RunConfig(experiment=name, **sections, seed=scalars.seed, dtype=scalars.dtype,
+                     device=scalars.device, plugins=scalars.plugins,
+                     description=scalars.description, presets=scalars.presets,
+                     source=source, preset=preset)
+
+
+def _check_run_config(cfg: RunConfig, exp: SectionSchema, source: str) -> None:
+    """Checks across sections: the batch fits the training set; the experiment's own."""
     bs = cfg.train.batch_size
     if bs is not None and bs > cfg.data.n_train:  # train() would refuse it after set-up
         raise ConfigError(f"{_where(source, 'train.batch_size')}: {bs} is larger than the "
@@ -840,7 +928,6 @@ def resolve(data: Mapping, *, source: str = "", preset: str | None = None,
             check(cfg)
         except ConfigError as e:
             raise ConfigError(f"{source + ': ' if source else ''}{e}") from None
-    return cfg
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,7 @@ import numpy as np
 from jax import lax
 
 from ntkexp.kernels.base import Kernel
+from ntkexp.models.registry import builder_for
 
 Array = jax.Array
 
@@ -735,8 +736,6 @@ def monte_carlo_kernel(spec_or_builder, x1, x2=None, *, key, n_samples: int, wid
             and not dataclasses.is_dataclass(spec_or_builder):
         builder = spec_or_builder
     else:
-        from ntkexp.models.registry import builder_for
-
         builder = builder_for(spec_or_builder, tuple(x1.shape[1:]), dtype or x1.dtype)
     keys = jax.random.split(key, n_samples)
     apply_fn, p0 = builder(keys[0], width)

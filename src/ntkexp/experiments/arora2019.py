@@ -67,6 +67,9 @@ from ntkexp.experiments.common import (
     per_member,
     train_ensemble,
 )
+from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
+from ntkexp.plotting import save_figure
+from ntkexp.theory import gd_loss_curve, generalization_bound, ntk_predict
 
 NAME = "arora2019_finegrained"
 
@@ -226,8 +229,6 @@ def learning_rate(cfg, H) -> float:
 
 def init_params(cfg, width: int, in_dim: int, key, dtype):
     """``(apply_fn, params)`` of the two-layer net (symmetric or standard init)."""
-    from ntkexp.models.two_layer import TwoLayerApply, TwoLayerSpec, init_two_layer
-
     spec = TwoLayerSpec(int(width), cfg.params.kappa)
     if cfg.params.init == "standard":
         return TwoLayerApply(spec), init_two_layer(spec, in_dim, key, dtype)
@@ -244,8 +245,6 @@ def _error(f, y) -> float:
 
 
 def compute_unit(cfg, data, unit, progress):
-    from ntkexp.theory import gd_loss_curve
-
     task = Task(cfg, data)
     x, dt = task.x, task.dtype
     H = gram_inf(x)
@@ -279,8 +278,6 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.theory import gd_loss_curve, generalization_bound, ntk_predict
-
     task = Task(cfg, data)
     x, dt = task.x, task.dtype
     H = gram_inf(x)
@@ -390,6 +387,9 @@ def summarize(cfg, results):
     return summary, rows
 
 
+_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+
+
 def plot(results, summary, cfg_dict, fig_dir):
     """Four panels: (a) loss vs prediction, (b) spectrum and label projections, (c) bound."""
     import matplotlib
@@ -397,16 +397,26 @@ def plot(results, summary, cfg_dict, fig_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ntkexp.plotting import save_figure
-
-    colors = ("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
     fr = np.asarray(results["limit_fractions"], np.float64)
-    i_true, i_rand = int(np.argmin(fr)), int(np.argmax(fr))
     widths = [int(w) for w in results["widths"]]
-    wi = int(np.argmax(widths))
+    lam = np.asarray(results["limit_eigvals"])
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    _plot_loss(axes[0], results, fr, widths)
+    _plot_spectrum(axes[1], lam)
+    _plot_projections(axes[2], results, np.arange(1, lam.shape[0] + 1))
+    _plot_bound(axes[3], results, fr, widths)
+    fig.suptitle("Arora et al. 2019, fine-grained analysis: two-layer ReLU net, "
+                 f"n = {lam.shape[0]}, eta = {float(results['limit_eta']):.3g}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, fig_dir, NAME)
 
-    ax = axes[0]
+
+def _plot_loss(ax, results, fr, widths) -> None:
+    """(a) GD's training loss at the largest width beside Theorem 4.1's prediction, for
+    the true labels and the most randomised ones."""
+    colors = _COLORS
+    i_true, i_rand = int(np.argmin(fr)), int(np.argmax(fr))
+    wi = int(np.argmax(widths))
     for j, (i, name) in enumerate(((i_true, "true"), (i_rand, f"random ({fr[i_rand]:g})"))):
         loss = np.asarray(results["loss"][wi, 0, 0, i])
         pred = np.asarray(results["pred"][wi, 0, 0, i])
@@ -421,9 +431,10 @@ def plot(results, summary, cfg_dict, fig_dir):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
-    lam = np.asarray(results["limit_eigvals"])
+
+def _plot_spectrum(ax, lam) -> None:
+    """(b) the eigenvalues of ``H^inf``, descending."""
     idx = np.arange(1, lam.shape[0] + 1)
-    ax = axes[1]
     ax.plot(idx, lam, color="k", lw=1.4)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -432,7 +443,11 @@ def plot(results, summary, cfg_dict, fig_dir):
     ax.set_title("(b) spectrum of $H^\\infty$", fontsize=9)
     ax.grid(alpha=0.3)
 
-    ax = axes[2]
+
+def _plot_projections(ax, results, idx) -> None:
+    """(b) the labels' squared projections on the eigenvectors of ``H^inf`` and their
+    cumulative share."""
+    colors = _COLORS
     pt = np.asarray(results["limit_proj_true"], np.float64)
     pr = np.asarray(results["limit_proj_random"], np.float64)[0]
     ax.plot(idx, pt, ".", ms=2.5, alpha=0.45, color=colors[0])
@@ -451,7 +466,10 @@ def plot(results, summary, cfg_dict, fig_dir):
     ax.set_title("(b) label projections on eigenvectors of $H^\\infty$", fontsize=9)
     ax.grid(alpha=0.3)
 
-    ax = axes[3]
+
+def _plot_bound(ax, results, fr, widths) -> None:
+    """(c) test error against the fraction of random labels, beside the bound."""
+    colors = _COLORS
     terr = np.asarray(results["test_error"][:, 0], np.float64).mean(axis=1)   # (W, F)
     for j, w in enumerate(widths):
         ax.plot(fr, terr[j], "o-", color=colors[(j + 2) % len(colors)], ms=4, lw=1.2,
@@ -471,10 +489,6 @@ def plot(results, summary, cfg_dict, fig_dir):
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
     ax.set_title("(c) test error and generalization bound", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.suptitle("Arora et al. 2019, fine-grained analysis: two-layer ReLU net, "
-                 f"n = {lam.shape[0]}, eta = {float(results['limit_eta']):.3g}", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, fig_dir, NAME)
 
 
 def check(cfg):

@@ -51,8 +51,12 @@ import numpy as np
 import yaml
 
 from ntkexp import config, io
+from ntkexp.config import ConfigError
+from ntkexp.data import DataError
 from ntkexp.experiments import checks, distributed, provenance, streams
+from ntkexp.models import ARCHITECTURES
 from ntkexp.registry import Registry, RegistryError
+from ntkexp.sharding import maybe_init_distributed
 
 
 class UserError(ValueError):
@@ -211,8 +215,6 @@ def setup_runtime(cfg) -> tuple[Any, Any]:
     """
     enable_compile_cache()
     if cfg.distributed.enabled:
-        from ntkexp.sharding import maybe_init_distributed
-
         maybe_init_distributed(dataclasses.asdict(cfg.distributed))
     if cfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -415,8 +417,6 @@ ENSEMBLE_BYTES = 1 << 30
 def member_bytes(cfg, width: int, in_dim: int, dtype) -> int:
     """Bytes of one network's parameters at ``width`` (abstract build: nothing runs);
     0 if the builder cannot be traced."""
-    from ntkexp.models import ARCHITECTURES
-
     arch = ARCHITECTURES.get(cfg.model.arch)
     try:
         shapes = jax.eval_shape(lambda k: arch.build(cfg.model.spec(width), in_dim, k,
@@ -443,10 +443,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ntkexp.config import ConfigError
-    from ntkexp.data import DataError
-    from ntkexp.registry import RegistryError
-
     return (UserError, ConfigError, DataError, RegistryError)
 
 
@@ -557,55 +553,18 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
              for u in units for k in u.inits}
     with jax.default_device(device):
         if main:
-            os.makedirs(workdir, exist_ok=True)
-            for stale in ("meta.json", "summary.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(workdir, stale))
-            _remove_temporaries(workdir)
-            # which config this folder's units belong to, from the start (a rerun of
-            # another config is refused unless --force: checks.check_run_folder)
-            io.write_yaml(os.path.join(workdir, "config.yaml"), cfg.to_dict())
+            _prepare_run_folder(workdir, cfg)
         # process 0 reads the cache and tells the others what is left
-        outs: dict[tuple[int, int, int], Any] = {}
-        todo_keys = None
-        if main:
-            for ident, p in paths.items():
-                if force or not os.path.exists(p):
-                    continue
-                try:
-                    outs[ident] = io.read_npz(p)
-                except Exception:  # noqa: BLE001 - unreadable cache: recompute it
-                    pass
-            todo_keys = [list(ident) for ident in paths if ident not in outs]
+        outs, todo_keys = _cached_units(paths, force) if main else ({}, None)
         todo_keys = {tuple(t) for t in distributed.broadcast(cluster, f"{key}/todo", todo_keys)}
-        todo = [u._replace(inits=tuple(k for k in u.inits
-                                       if (u.w_index, u.lr_index, k) in todo_keys))
-                for u in units]
-        todo = [u for u in todo if u.inits]
-        in_dim = data.x_train.shape[1]
-        chunks = [c for u in todo for c in
-                  (u._replace(inits=ks) for ks in
-                   chunk_inits(u.inits, member_bytes(cfg, u.width, in_dim, dtype)))]
-        owner = distributed.assign([c.width * len(c.inits) for c in chunks], cluster.count)
+        chunks, owner = _plan_chunks(cfg, units, todo_keys, data.x_train.shape[1], dtype,
+                                     cluster.count)
         mine = [c for c, o in zip(chunks, owner, strict=True) if o == cluster.index]
-        work = exp.unit_work(cfg)
-        progress = _Progress(sum(len(c.inits) for c in mine) * work, quiet or not main)
-        sent: dict[str, dict] = {}
+        progress = _Progress(sum(len(c.inits) for c in mine) * exp.unit_work(cfg),
+                             quiet or not main)
         try:
-            for c in mine:
-                progress.describe(f"{_unit_label(cfg, c)} inits "
-                                  f"{c.inits[0] + 1}-{c.inits[-1] + 1}/{cfg.train.inits}")
-                for k, o in zip(c.inits, _compute_chunk(cfg, exp, data, c, progress),
-                                strict=True):
-                    ident = (c.w_index, c.lr_index, k)
-                    outs[ident] = o
-                    if main:
-                        io.write_npz(paths[ident], o)
-                        written.append(paths[ident])
-                    else:
-                        sent[os.path.basename(paths[ident])] = o
-                if after_chunk is not None:
-                    after_chunk(c)
+            sent = _compute_units(cfg, exp, data, mine, paths, outs, progress, main=main,
+                                  written=written, after_chunk=after_chunk)
         finally:
             progress.close()
         by_process = {str(p): [f"{_unit_label(cfg, c)} inits {list(c.inits)}"
@@ -616,18 +575,95 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
             distributed.wait_for_main(cluster, key)
             return RunResult(workdir, (), "", {}, sum(len(c.inits) for c in mine), 0)
         if cluster.count > 1:
-            by_name = {os.path.basename(p): ident for ident, p in paths.items()}
-            for got in distributed.receive(cluster, key).values():
-                for name, o in got.items():
-                    ident = by_name[name]
-                    io.write_npz(paths[ident], o)
-                    written.append(paths[ident])
-                    outs[ident] = o
+            _receive_units(cluster, key, paths, outs, written)
         results = stack_units(cfg, units, outs)
         for k, v in exp.reference(cfg, data).items():
             results[f"limit_{k}"] = np.asarray(v)
         summary, metrics = exp.summarize(cfg, results)
 
+    figures, main_fig = _write_results(workdir, cfg, exp, results, summary, metrics)
+    n_todo = len(todo_keys)
+    meta = _run_meta(cfg, device, code, n_units=len(paths), n_ensembles=len(units),
+                     n_todo=n_todo, cluster=cluster, by_process=by_process, t0=t0)
+    io.write_json(os.path.join(workdir, "meta.json"), meta)
+    distributed.finish(cluster, key)
+    return RunResult(workdir, tuple(figures), main_fig, summary, n_todo, len(paths) - n_todo)
+
+
+def _prepare_run_folder(workdir: str, cfg) -> None:
+    """Create the folder; drop a finished run's markers and stale temporaries; write the
+    config at once (which config this folder's units belong to, from the start: a rerun of
+    another config is refused unless --force, :func:`checks.check_run_folder`)."""
+    os.makedirs(workdir, exist_ok=True)
+    for stale in ("meta.json", "summary.json"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(workdir, stale))
+    _remove_temporaries(workdir)
+    io.write_yaml(os.path.join(workdir, "config.yaml"), cfg.to_dict())
+
+
+def _cached_units(paths: Mapping, force: bool) -> tuple[dict, list[list[int]]]:
+    """``(outs, todo)``: the readable cached unit outputs by ident (none with ``force``)
+    and the idents left to compute, as lists (to broadcast)."""
+    outs: dict[tuple[int, int, int], Any] = {}
+    for ident, p in paths.items():
+        if force or not os.path.exists(p):
+            continue
+        try:
+            outs[ident] = io.read_npz(p)
+        except Exception:  # noqa: BLE001 - unreadable cache: recompute it
+            pass
+    return outs, [list(ident) for ident in paths if ident not in outs]
+
+
+def _plan_chunks(cfg, units, todo_keys, in_dim: int, dtype, n_processes: int):
+    """``(chunks, owner)``: the units' inits left to do, in chunks that fit the memory
+    budget (:func:`chunk_inits`), and the process that computes each."""
+    todo = [u._replace(inits=tuple(k for k in u.inits
+                                   if (u.w_index, u.lr_index, k) in todo_keys))
+            for u in units]
+    todo = [u for u in todo if u.inits]
+    chunks = [c for u in todo for c in
+              (u._replace(inits=ks) for ks in
+               chunk_inits(u.inits, member_bytes(cfg, u.width, in_dim, dtype)))]
+    return chunks, distributed.assign([c.width * len(c.inits) for c in chunks], n_processes)
+
+
+def _compute_units(cfg, exp, data, mine, paths, outs, progress, *, main, written,
+                   after_chunk) -> dict[str, dict]:
+    """Compute this process's chunks into ``outs``; process 0 writes each unit's file,
+    the others return theirs by file name (to send to process 0)."""
+    sent: dict[str, dict] = {}
+    for c in mine:
+        progress.describe(f"{_unit_label(cfg, c)} inits "
+                          f"{c.inits[0] + 1}-{c.inits[-1] + 1}/{cfg.train.inits}")
+        for k, o in zip(c.inits, _compute_chunk(cfg, exp, data, c, progress), strict=True):
+            ident = (c.w_index, c.lr_index, k)
+            outs[ident] = o
+            if main:
+                io.write_npz(paths[ident], o)
+                written.append(paths[ident])
+            else:
+                sent[os.path.basename(paths[ident])] = o
+        if after_chunk is not None:
+            after_chunk(c)
+    return sent
+
+
+def _receive_units(cluster, key, paths, outs, written) -> None:
+    """Process 0: write the units the other processes computed, add them to ``outs``."""
+    by_name = {os.path.basename(p): ident for ident, p in paths.items()}
+    for got in distributed.receive(cluster, key).values():
+        for name, o in got.items():
+            ident = by_name[name]
+            io.write_npz(paths[ident], o)
+            written.append(paths[ident])
+            outs[ident] = o
+
+
+def _write_results(workdir, cfg, exp, results, summary, metrics) -> tuple[list[str], str]:
+    """Write the run's results, metrics, summary and config, draw its figures; return
+    ``(figures, main figure)``."""
     io.write_npz(os.path.join(workdir, "results.npz"), results)
     io.write_jsonl(os.path.join(workdir, "metrics.jsonl"), metrics)
     io.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -635,8 +671,13 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
     figures = plot_run(workdir, require_complete=False)
     main_fig = next((f for f in figures if os.path.basename(f) == f"{exp.main_figure}.png"),
                     figures[0] if figures else "")
-    n_todo = len(todo_keys)
-    meta = {
+    return figures, main_fig
+
+
+def _run_meta(cfg, device, code, *, n_units, n_ensembles, n_todo, cluster, by_process,
+              t0) -> dict:
+    """The ``meta.json`` of a finished run (written last: it marks the run complete)."""
+    return {
         "experiment": cfg.experiment,
         "config_source": os.path.abspath(cfg.source) if cfg.source else None,
         "preset": cfg.preset,
@@ -648,19 +689,16 @@ def _run_body(cfg, exp, data, workdir, dtype, device, *, force, quiet, written, 
         "git_commit": code["git_commit"],
         "git_dirty": code["git_dirty"],
         "code": code,
-        "units": len(paths),
-        "ensembles": len(units),
+        "units": n_units,
+        "ensembles": n_ensembles,
         "units_computed": n_todo,
-        "units_reused": len(paths) - n_todo,
+        "units_reused": n_units - n_todo,
         "processes": cluster.count,
         "units_by_process": by_process,
         "wall_time_s": round(time.time() - t0, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "complete": True,
     }
-    io.write_json(os.path.join(workdir, "meta.json"), meta)
-    distributed.finish(cluster, key)
-    return RunResult(workdir, tuple(figures), main_fig, summary, n_todo, len(paths) - n_todo)
 
 
 def plot_run(run_dir: str, *, require_complete: bool = True) -> list[str]:

@@ -37,8 +37,16 @@ from typing import Any
 
 import numpy as np
 
+from ntkexp.activations import get_activation
 from ntkexp.config import ConfigError
 from ntkexp.experiments.base import Experiment, register_experiment
+from ntkexp.kernels.spectra import (
+    fit_decay_exponent,
+    lipschitz_constant_prop9,
+    mercer_eigenvalues,
+    smoothness_gammas,
+)
+from ntkexp.plotting import save_figure
 
 NAME = "bietti2019_spectrum"
 
@@ -110,13 +118,6 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.activations import get_activation
-    from ntkexp.kernels.spectra import (
-        lipschitz_constant_prop9,
-        mercer_eigenvalues,
-        smoothness_gammas,
-    )
-
     p = cfg.params
     mu_ntk = np.stack([mercer_eigenvalues(kappa_ntk, d, p.k_max, nodes=p.nodes) for d in p.dims])
     mu_k1 = np.stack([mercer_eigenvalues(kappa1, d, p.k_max, nodes=p.nodes) for d in p.dims])
@@ -131,8 +132,6 @@ def reference(cfg, data):
 
 
 def summarize(cfg, results):
-    from ntkexp.kernels.spectra import fit_decay_exponent
-
     p = cfg.params
     ks = np.arange(p.k_max + 1)
     fit_ks = ks[(ks >= p.k_fit_min) & (ks % 2 == 0)]
@@ -174,8 +173,6 @@ def summarize(cfg, results):
 
 def plot(results, summary, cfg_dict, fig_dir):
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     dims = [int(d) for d in results["limit_dims"]]
     K = results["limit_mu_ntk"].shape[1]

@@ -29,14 +29,18 @@ import optax
 
 from ntkexp.config import ConfigError
 from ntkexp.data import DataError
+from ntkexp.empirical import monte_carlo_kernel
 from ntkexp.experiments import streams
 from ntkexp.experiments.base import Member, Unit
+from ntkexp.kernels.special import du_gram
 from ntkexp.members import stack as stack_members
+from ntkexp.models import ARCHITECTURES
+from ntkexp.models.two_layer import empirical_gram
+from ntkexp.optim import OPTIMIZERS
+from ntkexp.training import train
 
 
 def _arch(cfg):
-    from ntkexp.models import ARCHITECTURES
-
     return ARCHITECTURES.get(cfg.model.arch)
 
 
@@ -164,8 +168,6 @@ def traced_learning_rate(inner: optax.GradientTransformation
 def _optimizer(name: str, learning_rate: float | None, options: tuple):
     """One optimizer object per setting (``learning_rate=None``: traced), so that the
     training loop's jit cache (keyed on the optimizer) is reused across units."""
-    from ntkexp.optim import OPTIMIZERS
-
     build = OPTIMIZERS.get(name)
     if learning_rate is None:
         return traced_learning_rate(build(learning_rate=1.0, **dict(options)))
@@ -230,8 +232,6 @@ def train_ensemble(cfg, apply_fn, params, x, y, unit: Unit, progress, *, optimiz
     Returns:
       ``ntkexp.training.TrainResult`` with a leading member axis.
     """
-    from ntkexp.training import train
-
     name = optimizer or cfg.train.optimizer
     K = len(unit.inits)
     lr = unit.learning_rate if learning_rate is None else learning_rate
@@ -309,8 +309,6 @@ def limit_method(cfg, requested: str = "auto") -> str:
     Raises:
       ConfigError: ``requested == "analytic"`` but the architecture has none.
     """
-    from ntkexp.models import ARCHITECTURES
-
     arch = ARCHITECTURES.get(cfg.model.arch)
     if requested == "monte_carlo":
         return "monte_carlo"
@@ -341,9 +339,6 @@ def limit_kernel(cfg, x1, x2=None, *, method: str, mc_width: int, mc_samples: in
       ``Kernel`` with ``(n1, n2)`` arrays.
     """
 
-    from ntkexp.empirical import monte_carlo_kernel
-    from ntkexp.models import ARCHITECTURES
-
     arch = ARCHITECTURES.get(cfg.model.arch)
     if method == "analytic":
         return arch.analytic(cfg.model.spec(cfg.model.widths[0]), x1, x2)
@@ -362,7 +357,6 @@ def limit_summary(cfg, method: str, mc_width: int, mc_samples: int) -> dict:
     if method == "analytic":
         return {"method": "analytic", "architecture": cfg.model.arch,
                 "note": f"analytic infinite-width kernel of architecture {cfg.model.arch!r}"}
-    from ntkexp.models import ARCHITECTURES
 
     why = (f"architecture {cfg.model.arch!r} registers no analytic kernel"
            if ARCHITECTURES.get(cfg.model.arch).analytic is None
@@ -383,16 +377,12 @@ def limit_summary(cfg, method: str, mc_width: int, mc_samples: int) -> dict:
 def gram_two_layer(W, x):
     """Finite-width Gram matrix ``H(W) (n, n)`` of the two-layer net: the one copy in
     :func:`ntkexp.models.two_layer.empirical_gram` (Du et al. 2019, eq. 3.2)."""
-    from ntkexp.models.two_layer import empirical_gram
-
     return empirical_gram(W, x)
 
 
 def h_infinity(x):
     """``H^inf (n, n)`` of Du et al. (2019, eq. 3.1) / Arora et al. (2019, eq. 4): the
     one copy in :func:`ntkexp.kernels.special.du_gram`."""
-    from ntkexp.kernels.special import du_gram
-
     return du_gram(x)
 
 

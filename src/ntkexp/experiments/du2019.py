@@ -58,6 +58,8 @@ from ntkexp.experiments.common import (
     per_member,
     train_ensemble,
 )
+from ntkexp.plotting import save_figure
+from ntkexp.theory import gd_loss_curve
 
 NAME = "du2019_fig1"
 
@@ -102,8 +104,6 @@ def record_schedule(steps: int, every: int) -> tuple[int, ...]:
 
 @functools.partial(jax.jit, static_argnames=("steps", "loss_reduction"))
 def _predicted_loss(x, u0, y, lr, *, steps, loss_reduction):
-    from ntkexp.theory import gd_loss_curve
-
     return gd_loss_curve(h_infinity(x), u0[:, 0], y[:, 0], steps, learning_rate=lr,
                          loss_reduction=loss_reduction)
 
@@ -189,8 +189,6 @@ def summarize(cfg, results):
 
 def plot(results, summary, cfg_dict, fig_dir):
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     widths = [int(w) for w in results["widths"]]
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(widths)))

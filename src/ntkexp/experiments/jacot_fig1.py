@@ -51,6 +51,7 @@ from ntkexp.experiments.common import (
     rms,
     train_ensemble,
 )
+from ntkexp.plotting import jacot_fig1_figure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +150,6 @@ def summarize(cfg, results):
 
 
 def plot(results, summary, cfg_dict, fig_dir):
-    from ntkexp.plotting import jacot_fig1_figure
-
     return jacot_fig1_figure(results, summary, cfg_dict, fig_dir)
 
 

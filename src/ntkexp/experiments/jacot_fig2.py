@@ -53,6 +53,7 @@ from ntkexp.experiments.common import (
     rms,
     train_ensemble,
 )
+from ntkexp.plotting import jacot_fig2_figure
 
 Z90 = 1.2815515655446004  # the 90% quantile of N(0, 1)
 
@@ -171,8 +172,6 @@ def summarize(cfg, results):
 
 
 def plot(results, summary, cfg_dict, fig_dir):
-    from ntkexp.plotting import jacot_fig2_figure
-
     return jacot_fig2_figure(results, summary, cfg_dict, fig_dir)
 
 

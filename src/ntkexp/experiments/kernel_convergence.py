@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from ntkexp.config import ConfigError
+from ntkexp.empirical import empirical_ntk
 from ntkexp.experiments.base import Experiment, register_experiment
 from ntkexp.experiments.common import (
     build_ensemble,
@@ -53,6 +54,7 @@ from ntkexp.experiments.common import (
     train_ensemble,
 )
 from ntkexp.members import member as take_member
+from ntkexp.plotting import kernel_convergence_figure
 
 NAME = "kernel_convergence"
 THEORY_SLOPE = -0.5
@@ -82,8 +84,6 @@ class Params:
 def _ntk(cfg, apply_fn, params, x):
     """Per-output empirical NTK of every member, ``(K, n, n)`` (one member at a time:
     the structured path's Gram matrices are the memory, not the parameters)."""
-    from ntkexp.empirical import empirical_ntk
-
     K = jax.tree_util.tree_leaves(params)[0].shape[0]
     out = []
     for i in range(K):
@@ -183,8 +183,6 @@ def summarize(cfg, results):
 
 
 def plot(results, summary, cfg_dict, fig_dir):
-    from ntkexp.plotting import kernel_convergence_figure
-
     return kernel_convergence_figure(results, summary, cfg_dict, fig_dir)
 
 

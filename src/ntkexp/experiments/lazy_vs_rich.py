@@ -52,6 +52,7 @@ from ntkexp.experiments.base import Experiment, register_experiment
 from ntkexp.experiments.common import build_ensemble, fit_exponent
 from ntkexp.members import member as take_member
 from ntkexp.models import parameterization as P
+from ntkexp.plotting import save_figure
 
 NAME = "lazy_vs_rich"
 SHORT = {"standard": "sp", "ntk": "ntk", "mup": "mup", "mean_field": "mf"}
@@ -232,8 +233,6 @@ def _finite(obj):
 
 def plot(results, summary, cfg_dict, fig_dir):
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     widths = np.asarray(summary["widths"])
     names = summary["parameterizations"]

@@ -54,6 +54,9 @@ from ntkexp.experiments.common import (
     variant_name,
     variants,
 )
+from ntkexp.models import ARCHITECTURES
+from ntkexp.plotting import save_figure
+from ntkexp.theory import kernel_regression, ntk_gp
 
 NAME = "lee2020_finite_vs_infinite"
 
@@ -136,9 +139,6 @@ def compute_unit(cfg, data, unit, progress):
 
 
 def reference(cfg, data):
-    from ntkexp.models import ARCHITECTURES
-    from ntkexp.theory import kernel_regression, ntk_gp
-
     task = Task(cfg, data, NAME)
     arch = ARCHITECTURES.get(cfg.model.arch)
     spec = dataclasses.replace(cfg.model.spec(cfg.model.widths[0]), parameterization="ntk",
@@ -259,8 +259,6 @@ def plot(results, summary, cfg_dict, fig_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ntkexp.plotting import save_figure
-
     widths = [int(w) for w in results["widths"]]
     names = [str(v) for v in results["limit_variants"]]
     colors = ("tab:blue", "tab:cyan", "tab:red", "tab:orange", "tab:green", "tab:purple")
@@ -305,8 +303,6 @@ def plot(results, summary, cfg_dict, fig_dir):
 
 
 def check(cfg):
-    from ntkexp.models import ARCHITECTURES
-
     if ARCHITECTURES.get(cfg.model.arch).analytic is None:
         raise ConfigError(f"model.arch: {NAME} needs an architecture with an analytic "
                           f"kernel, and {cfg.model.arch!r} has none")

@@ -56,6 +56,7 @@ from ntkexp.models.diagonal import (
     min_l2_interpolator,
     solve_q_alpha,
 )
+from ntkexp.plotting import save_figure
 
 NAME = "woodworth2020"
 
@@ -212,8 +213,6 @@ def summarize(cfg, results):
 
 def plot(results, summary, cfg_dict, fig_dir):
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     a = np.asarray(summary["alphas"])
     pa = summary["per_alpha"]

@@ -52,6 +52,7 @@ from ntkexp.experiments.common import (
     h_infinity,
     train_ensemble,
 )
+from ntkexp.plotting import save_figure
 
 NAME = "zhang2019_ngd"
 
@@ -188,8 +189,6 @@ def summarize(cfg, results):
 
 def plot(results, summary, cfg_dict, fig_dir):
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     widths = [int(w) for w in results["widths"]]
     etas = summary["ngd_learning_rates"]
