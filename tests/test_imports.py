@@ -17,12 +17,8 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 # Modules whose function-level ntkexp imports are still tolerated, each with its reason.
 # (A plug-in loaded by name goes through importlib, an optional dependency is not an ntkexp
 # module: neither is an ``import`` statement the checks below see, so neither needs a line.)
-# Temporary: modules two other helpers are still changing (gallery.py has none today).
-LAZY_IMPORTS_ALLOWED = {
-    "ntkexp.experiments.mnist1d": "lead: hoist after the h22/h23 merge",
-    "ntkexp.experiments.finite_width_corrections": "lead: hoist after the h22/h23 merge",
-    "ntkexp.experiments.double_descent": "lead: hoist after the h22/h23 merge",
-    "ntkexp.gallery": "lead: hoist after the h22/h23 merge",
+LAZY_IMPORTS_ALLOWED: dict[str, str] = {
+    "ntkexp.experiments.mnist1d": "lead: hoist after the h23b merge",
 }
 
 

@@ -114,7 +114,12 @@ def test_rerun_reuses_units_and_force_recomputes(tmp_path):
     changed = C.load(CONFIGS["jacot_fig1"], preset="tiny",
                      overrides=["model.width=[8]", "train.inits=2", "train.steps=4",
                                 "params.n_gamma=5"])
-    assert run(changed, d, quiet=True).computed_units == 2  # steps changed: no reuse
+    # another config (steps changed) into the same folder: refused, nothing replaced,
+    # unless --force; then nothing of the old config is reused
+    with pytest.raises(C.ConfigError, match="another config.*train"):
+        run(changed, d, quiet=True)
+    assert run(cfg, d, quiet=True).reused_units == 2  # the old results are intact
+    assert run(changed, d, force=True, quiet=True).computed_units == 2
 
 
 def test_same_config_same_numbers(tmp_path):
