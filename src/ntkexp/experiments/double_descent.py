@@ -342,6 +342,9 @@ def check(cfg):
     if m.activation != "relu" or m.b_std != 0 or m.parameterization != "ntk":
         raise ConfigError(f"model: {NAME} needs activation relu, b_std 0 and "
                           "parameterization ntk (the random features have no bias)")
+    if not m.W_std > 0:
+        raise ConfigError(f"model.W_std: {NAME} needs W_std > 0 (W_std = 0 gives zero "
+                          f"features and a zero kernel), got {m.W_std}")
     if len(cfg.train.learning_rates) != 1:
         raise ConfigError(f"train.learning_rate: {NAME} needs one learning rate")
     if cfg.data.n_test < 1:

@@ -280,6 +280,12 @@ def check(cfg):
     if cfg.model.depth < 1:
         raise ConfigError(f"model.depth: {NAME} needs hidden layers (>= 1), got "
                           f"{cfg.model.depth}")
+    if not cfg.model.W_std > 0:
+        raise ConfigError(f"model.W_std: {NAME} measures movements relative to the "
+                          f"initial kernel and features; W_std must be > 0, got "
+                          f"{cfg.model.W_std}")
+    if cfg.data.n_test < 1:
+        raise ConfigError(f"data.n_test: {NAME} measures test error; n_test must be > 0")
     if len(cfg.train.learning_rates) != 1:
         raise ConfigError(f"train.learning_rate: {NAME} sweeps params.lr_multipliers; give "
                           "one learning rate (unused)")
