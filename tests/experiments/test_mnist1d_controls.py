@@ -116,3 +116,20 @@ def test_trained_cnn_baseline_fits_a_separable_problem_at_its_own_step():
     assert r["lr"] == 0.03
     assert r["train_accuracy"] > 0.95 and r["test_accuracy"] > 0.9
     assert r["epochs_run"] - r["best_epoch"] == 10 or r["epochs_run"] == 150
+
+
+def test_rigour_end_to_end_compares_the_cnn_kernels_with_the_trained_cnn():
+    """rigour() on a small slice: the comparison is the kernel's test accuracy minus the
+    best trained CNN's mean, and the trained CNN ran at its own step."""
+    cfg = C.load(CONFIG, preset="tiny", overrides=[
+        "params.rigour=true", "params.rigour_architectures=[cnn]", "params.data_seeds=[42]",
+        "params.cv_folds=2", "params.cnn_n_train=40", "params.trained_cnn_channels=[4]",
+        "params.trained_epochs=3", "params.trained_seeds=2", "params.trained_cnn_lr=0.03"])
+    out = mnist1d.rigour(cfg)
+    net = out["trained"]["cnn_4"]
+    assert net["n_train"] == 40 and all(r["lr"] == 0.03 for r in net["runs"])
+    assert net["test_accuracy_mean"] == pytest.approx(
+        np.mean([r["test_accuracy"] for r in net["runs"]]))
+    for q in ("nngp", "ntk"):
+        assert out["comparison"][f"cnn_{q}_minus_best_trained_cnn"] == pytest.approx(
+            out["per_seed"]["42"]["cnn"][q]["test_accuracy"] - net["test_accuracy_mean"])

@@ -461,7 +461,8 @@ def rigour(cfg, *, log=None) -> dict:
     kernels' training set, ``trained_seeds`` initialisations each.
     """
     from ntkexp.data import mnist1d_arrays
-    from ntkexp.kernels.tiling import analytic_tiles, tiled_kernel
+    from ntkexp.kernels.tiling import tiled_kernel
+    from ntkexp.tiles import analytic_tiles
 
     p = cfg.params
     n, m = int(cfg.data.n_train), int(cfg.data.n_test)
