@@ -448,6 +448,27 @@ def train_converged(cfg, arch: str, width: int, x, labels, x_test, labels_test, 
             "adam_steps_per_epoch": int(len(tr)) // min(p.trained_batch_size, int(len(tr)))}
 
 
+def _comparison(p, per_seed, trained) -> dict:
+    """Seed-42 kernel test accuracy minus the best trained net's mean, per architecture
+    with both kernels and trained nets (``<arch>_<q>_minus_best_trained_<arch>``), and the
+    best net's name, mean and sd of the test accuracy and lowest train accuracy."""
+    out = {}
+    for arch, widths in (("cnn", p.trained_cnn_channels), ("mlp", p.trained_mlp_widths)):
+        if arch not in p.rigour_architectures or not widths or 42 not in p.data_seeds:
+            continue
+        best = max((v for v in trained.values() if v["arch"] == arch),
+                   key=lambda v: v["test_accuracy_mean"])
+        for q in ("nngp", "ntk"):
+            out[f"{arch}_{q}_minus_best_trained_{arch}"] = float(
+                per_seed["42"][arch][q]["test_accuracy"] - best["test_accuracy_mean"])
+        out[f"best_trained_{arch}"] = f"{arch}_{best['width']}"
+        out[f"best_trained_{arch}_accuracy"] = best["test_accuracy_mean"]
+        out[f"best_trained_{arch}_sd"] = best["test_accuracy_sd"]
+        out[f"best_trained_{arch}_train_accuracy_min"] = float(
+            min(r["train_accuracy"] for r in best["runs"]))
+    return out
+
+
 def rigour(cfg, *, log=None) -> dict:
     """The controls behind the MNIST-1D claims (``summary['rigour']``).
 
@@ -509,24 +530,7 @@ def rigour(cfg, *, log=None) -> dict:
                 "epochs_run_max": int(max(r["epochs_run"] for r in runs))}
             if log:
                 log(f"trained {arch} {w}: {acc.mean():.3f}")
-    comparison = {}
-    if "cnn" in p.rigour_architectures and p.trained_cnn_channels and 42 in p.data_seeds:
-        best_net = max((v for v in trained.values() if v["arch"] == "cnn"),
-                       key=lambda v: v["test_accuracy_mean"])
-        for q in ("nngp", "ntk"):
-            kacc = per_seed["42"]["cnn"][q]["test_accuracy"]
-            comparison[f"cnn_{q}_minus_best_trained_cnn"] = float(
-                kacc - best_net["test_accuracy_mean"])
-        comparison["best_trained_cnn"] = f"cnn_{best_net['width']}"
-        comparison["best_trained_cnn_accuracy"] = best_net["test_accuracy_mean"]
-        comparison["best_trained_cnn_sd"] = best_net["test_accuracy_sd"]
-    if "mlp" in p.rigour_architectures and p.trained_mlp_widths and 42 in p.data_seeds:
-        best_net = max((v for v in trained.values() if v["arch"] == "mlp"),
-                       key=lambda v: v["test_accuracy_mean"])
-        for q in ("nngp", "ntk"):
-            comparison[f"mlp_{q}_minus_best_trained_mlp"] = float(
-                per_seed["42"]["mlp"][q]["test_accuracy"] - best_net["test_accuracy_mean"])
-        comparison["best_trained_mlp_accuracy"] = best_net["test_accuracy_mean"]
+    comparison = _comparison(p, per_seed, trained)
     return {"per_seed": per_seed, "seed_spread": spread, "trained": trained,
             "comparison": comparison, "ridge_grid": list(p.ridge_grid), "cv_folds": p.cv_folds,
             "data_seeds": list(p.data_seeds), "n_train": sizes, "n_test": m}
