@@ -104,7 +104,7 @@ class Params:
       trained_lr, trained_batch_size, trained_val_fraction: Adam step, mini-batch,
         and the validation share carved from the training split.
       trained_cnn_lr: the Adam step of the trained CNN-GAP (default ``trained_lr``).
-        On the controls' 500-signal subset a mini-batch epoch is only 4 Adam steps
+        On the controls' 500-signal subset a mini-batch epoch is only 3 Adam steps
         (28 for the MLP on 4000): at step 1e-3 the CNN-GAP is still far from fitting
         its training signals (train accuracy 0.44 at 32 channels) when early
         stopping ends it; at 3e-2 it fits them (0.99).
