@@ -17,9 +17,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src"
 # Modules whose function-level ntkexp imports are still tolerated, each with its reason.
 # (A plug-in loaded by name goes through importlib, an optional dependency is not an ntkexp
 # module: neither is an ``import`` statement the checks below see, so neither needs a line.)
-LAZY_IMPORTS_ALLOWED: dict[str, str] = {
-    "ntkexp.experiments.mnist1d": "lead: hoist after the h23b merge",
-}
+LAZY_IMPORTS_ALLOWED: dict[str, str] = {}
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -44,9 +44,12 @@ import os
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ntkexp.config import ConfigError
+from ntkexp.data import mnist1d_arrays
 from ntkexp.experiments import streams
 from ntkexp.experiments.base import Experiment, register_experiment
 from ntkexp.experiments.common import (
@@ -57,6 +60,13 @@ from ntkexp.experiments.common import (
     variant_name,
     variants,
 )
+from ntkexp.kernels.tiling import tiled_kernel
+from ntkexp.models import ARCHITECTURES
+from ntkexp.models.cnn import CNNSpec
+from ntkexp.plotting import save_figure
+from ntkexp.theory import kernel_regression, ntk_predict, precision_gap
+from ntkexp.tiles import analytic_tiles
+from ntkexp.training import train
 
 NAME = "mnist1d_finite_vs_infinite"
 TRAINED_STREAM = "mnist1d_trained"  # initialisations of the trained Adam baselines
@@ -142,7 +152,6 @@ class Params:
 
 def arch_spec(cfg, arch: str, width: int, parameterization: str = "ntk", out_dim: int = 1):
     """The finite (``width``) or infinite (``width=1``, any) spec of ``arch``."""
-    from ntkexp.models.cnn import CNNSpec
 
     m = cfg.model
     if arch == "mlp":
@@ -181,8 +190,6 @@ def train_variant(cfg, task, arch: str, spec, init: int, run: int, centred: bool
     Centred (``+C``): the net ``f - f0``, trained as the raw net on the targets
     ``y + f0(X)`` (the same loss as a function of the parameters).
     """
-    from ntkexp.models import ARCHITECTURES
-    from ntkexp.training import train
 
     key = jax.random.fold_in(streams.key(cfg.seed, "init", init), run)
     apply_fn, params = ARCHITECTURES.get(arch).build(spec, task.x.shape[1], key, task.dtype)
@@ -236,8 +243,6 @@ def compute_unit(cfg, data, member, progress):
 
 def limit_kernels(cfg, arch: str, x, x_test, *, quiet: bool = True):
     """``(train Kernel (n, n), test Kernel (m, n))`` of ``arch`` in tiles."""
-    from ntkexp.kernels.tiling import tiled_kernel
-    from ntkexp.tiles import analytic_tiles
 
     fn = analytic_tiles(arch_spec(cfg, arch, 1), arch)
     kc = cfg.kernels
@@ -254,7 +259,6 @@ def limit_kernels(cfg, arch: str, x, x_test, *, quiet: bool = True):
 
 
 def reference(cfg, data):
-    from ntkexp.theory import kernel_regression, ntk_predict, precision_gap
 
     task = Task(cfg, data, NAME)
     n = task.x.shape[0]
@@ -391,10 +395,6 @@ def train_converged(cfg, arch: str, width: int, x, labels, x_test, labels_test, 
     after ``trained_patience`` epochs without a better validation accuracy and restores
     the best parameters. Same architecture as the kernels (:func:`arch_spec`, 10
     outputs, NTK parameterization). Returns test/validation accuracy, best epoch."""
-    import jax.numpy as jnp
-    import optax
-
-    from ntkexp.models import ARCHITECTURES
 
     p = cfg.params
     rng = np.random.default_rng(seed)
@@ -481,9 +481,6 @@ def rigour(cfg, *, log=None) -> dict:
     ``trained_mlp_widths`` and the CNN-GAP at ``trained_cnn_channels``, each on the
     kernels' training set, ``trained_seeds`` initialisations each.
     """
-    from ntkexp.data import mnist1d_arrays
-    from ntkexp.kernels.tiling import tiled_kernel
-    from ntkexp.tiles import analytic_tiles
 
     p = cfg.params
     n, m = int(cfg.data.n_train), int(cfg.data.n_test)
@@ -627,8 +624,6 @@ def plot(results, summary, cfg_dict, fig_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ntkexp.plotting import save_figure
 
     widths = [int(w) for w in results["widths"]]
     archs = [str(a) for a in results["limit_archs"]]
