@@ -13,8 +13,10 @@ comments) for
 and fails listing every offending file, line and path.
 """
 
+import io
 import os
 import re
+import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache",
@@ -85,12 +87,25 @@ def _exists(path, here):
     return False
 
 
+def _prose_lines(source: str) -> list[str]:
+    """The lines of a Python source with only its strings (docstrings included) and
+    comments kept, so code (``self.cfg``) is not read as a file name."""
+    lines = [""] * (source.count("\n") + 1)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.STRING, tokenize.COMMENT) or \
+                tok.type == getattr(tokenize, "FSTRING_MIDDLE", -1):
+            for k, part in enumerate(tok.string.split("\n")):
+                lines[tok.start[0] - 1 + k] += " " + part
+    return lines
+
+
 def _problems(path):
     here = os.path.dirname(path)
     rel = os.path.relpath(path, ROOT)
     bad = []
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    lines = _prose_lines(text) if path.endswith(".py") else text.splitlines()
     for no, line in enumerate(lines, 1):
         text = URL_RE.sub("", line)
         for m in OUTSIDE_RE.finditer(text):

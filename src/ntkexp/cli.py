@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     ga = sub.add_parser("gallery", help="gallery pages from committed records: record a "
                         "run, render/check the pages, re-run every gallery preset")
     gs = ga.add_subparsers(dest="gallery_cmd", required=True, parser_class=_Parser)
-    gr = gs.add_parser("record", help="write experiments/PAGE/results/<stem>-<preset>.json")
+    gr = gs.add_parser("record", help="write experiments/<page>/results/<stem>-<preset>.json")
     gr.add_argument("run_dir")
     gr.add_argument("--page", required=True, help="folder name under experiments/")
     gr.add_argument("--no-figure", action="store_true", help="do not copy the main figure")

@@ -169,4 +169,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="width"):
         MLPSpec(depth=1, width=0)
     with pytest.raises(ValueError, match="parameterization"):
-        MLPSpec(depth=1, width=1, parameterization="mup")
+        MLPSpec(depth=1, width=1, parameterization="mu_p")
