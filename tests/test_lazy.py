@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ntkexp import config as C
+from ntkexp import experiments  # noqa: F401  (registers the experiments' config sections)
 from ntkexp.empirical import empirical_ntk
 from ntkexp.lazy import LazyApply
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params

@@ -104,6 +104,21 @@ def get_activation(name: str | Activation, params: Mapping[str, Any] | None = No
     return act
 
 
+class SpecActivationMixin:
+    """``act`` and ``has_bias`` for frozen specs with ``activation``,
+    ``activation_params`` and ``b_std`` fields (the model specs and the kernels'
+    :class:`~ntkexp.kernels.analytic.MLPKernelSpec`)."""
+
+    @property
+    def act(self) -> Activation:
+        """The :class:`Activation` object for this spec."""
+        return get_activation(self.activation, dict(self.activation_params))
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b_std > 0
+
+
 # --------------------------------------------------------------------------
 # Numerically safe helpers (no NaN in values or gradients at the edges).
 # --------------------------------------------------------------------------

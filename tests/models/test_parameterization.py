@@ -12,6 +12,7 @@ import pytest
 
 import ntkexp as nx
 from ntkexp import config as C
+from ntkexp import experiments  # noqa: F401  (registers the experiments' config sections)
 from ntkexp.models import parameterization as P
 from ntkexp.models.mlp import MLPApply, MLPSpec, init_params
 

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ntkexp.activations import Activation, get_activation, safe_sqrt
+from ntkexp.activations import Activation, SpecActivationMixin, safe_sqrt
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.quadrature import DEFAULT_DEGREE, DEFAULT_NODES, NumericalDual
 
@@ -68,7 +68,7 @@ _HP = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPKernelSpec:
+class MLPKernelSpec(SpecActivationMixin):
     """Hyperparameters of the MLP recursion (hashable: a static jit argument).
 
     Attributes:
@@ -86,14 +86,6 @@ class MLPKernelSpec:
     activation_params: tuple = ()
     parameterization: str = "ntk"
     width: int = 1
-
-    @property
-    def act(self) -> Activation:
-        return get_activation(self.activation, dict(self.activation_params))
-
-    @property
-    def has_bias(self) -> bool:
-        return self.b_std > 0
 
 
 def dual_method(act: Activation) -> str:

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.activations import SpecActivationMixin
 from ntkexp.kernels.base import Kernel
 from ntkexp.kernels.cnn import PIXEL_PAIRS
 from ntkexp.layers.activation import Activation
@@ -65,10 +66,10 @@ from ntkexp.layers.network import Network, composition_kernel
 from ntkexp.layers.pool import GlobalAvgPool
 from ntkexp.layers.reshape import Flatten
 from ntkexp.models.registry import ARCHITECTURES, register_architecture
-from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
+from ntkexp.models.validation import promote
 
 Array = jax.Array
 READOUTS = ("gap", "vec")

@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.activations import SpecActivationMixin
 from ntkexp.layers.activation import Activation
 from ntkexp.layers.combinators import serial
 from ntkexp.layers.dense import Dense as DenseLayer
 from ntkexp.models import parameterization as P
 from ntkexp.models.validation import (
-    SpecActivationMixin,
     check_int,
     check_std,
     norm_activation_params,

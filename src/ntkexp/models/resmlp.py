@@ -31,16 +31,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ntkexp.activations import SpecActivationMixin
 from ntkexp.kernels.base import Kernel
 from ntkexp.layers.activation import Activation
 from ntkexp.layers.combinators import residual, serial
 from ntkexp.layers.dense import Dense
 from ntkexp.layers.network import Network, composition_kernel
 from ntkexp.models.registry import ARCHITECTURES, register_architecture
-from ntkexp.models.validation import SpecActivationMixin, promote
 from ntkexp.models.validation import check_int as _check_int
 from ntkexp.models.validation import check_std as _check_std
 from ntkexp.models.validation import norm_activation_params as _norm_activation_params
+from ntkexp.models.validation import promote
 
 Array = jax.Array
 

@@ -8,8 +8,6 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from ntkexp.activations import Activation, get_activation
-
 
 def promote(x, params):
     """``(x, params)`` cast to the promoted dtype of ``x`` and the floating ``params``.
@@ -60,15 +58,3 @@ def norm_activation_params(params) -> tuple:
     return tuple(tuple(p) for p in params)
 
 
-class SpecActivationMixin:
-    """``act`` and ``has_bias`` for frozen specs with ``activation``,
-    ``activation_params`` and ``b_std`` fields."""
-
-    @property
-    def act(self) -> Activation:
-        """The :class:`Activation` object for this spec."""
-        return get_activation(self.activation, dict(self.activation_params))
-
-    @property
-    def has_bias(self) -> bool:
-        return self.b_std > 0
